@@ -1,0 +1,52 @@
+# emailqueue-operator — `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PYTEST := $(PY) -m pytest
+
+.PHONY: help
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^##@/ {printf "\n%s\n", substr($$0, 5)} /^[a-zA-Z_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+##@ Setup
+$(VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+.PHONY: venv
+venv: $(VENV)/.stamp ## create .venv with the project and its test tools (pinned)
+
+.PHONY: deps
+deps: ## install system packages the test bed needs (rabbitmq-server), if missing
+	testbed/install-deps.sh
+
+.PHONY: testbed-bins
+testbed-bins: ## build kube-apiserver, kubectl, etcd, helm, promtool from pinned Go modules (cached)
+	testbed/build-bins.sh all
+
+##@ Test bed
+.PHONY: testbed-up
+testbed-up: venv deps testbed-bins ## start apiserver+etcd, RabbitMQ, SMTP; writes .testbed/env
+	$(PY) -m emailqueue_testbed up
+
+.PHONY: testbed-down
+testbed-down: ## stop everything testbed-up started
+	@if [ -x $(PY) ]; then $(PY) -m emailqueue_testbed down; fi
+
+.PHONY: testbed-status
+testbed-status: ## show which test bed components are running
+	$(PY) -m emailqueue_testbed status
+
+##@ Test
+.PHONY: test
+test: venv deps testbed-bins ## run every test (unit, integration, e2e); starts what it needs
+	$(PYTEST) tests
+
+.PHONY: test-unit
+test-unit: venv ## fast tests without the test bed
+	$(PYTEST) tests/unit -q

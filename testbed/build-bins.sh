@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Builds the test bed's binaries from pinned Go modules into a cache keyed by
+# version: kube-apiserver and kubectl (k8s.io/kubernetes), etcd
+# (go.etcd.io/etcd/server/v3), helm and promtool. A binary already in the cache
+# is never rebuilt, so a warm run builds nothing.
+#
+# Usage: testbed/build-bins.sh [all|kube|etcd|helm|promtool]...
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=versions.env
+source "$here/versions.env"
+
+CACHE=${EQ_TESTBED_CACHE:-$HOME/.cache/emailqueue-testbed}
+BIN="$CACHE/bin"
+SRC="$CACHE/src"
+mkdir -p "$BIN" "$SRC"
+
+export GOFLAGS=-mod=mod GOTOOLCHAIN=local CGO_ENABLED=0
+log() { printf '[build-bins] %s\n' "$*" >&2; }
+
+# have NAME VERSION: true when the cached binary exists.
+have() { [ -x "$BIN/$1-$2" ]; }
+
+# install NAME VERSION BUILT_FILE: atomically move a fresh build into the cache.
+install_bin() { mv -f "$3" "$BIN/$1-$2.tmp" && mv -f "$BIN/$1-$2.tmp" "$BIN/$1-$2"; }
+
+build_kube() {
+  local v=$KUBERNETES_VERSION staging=v0.${KUBERNETES_VERSION#v1.}
+  if have kube-apiserver "$v" && have kubectl "$v"; then return; fi
+  local dir="$SRC/kubernetes-$v"
+  mkdir -p "$dir" && cd "$dir"
+  log "kubernetes $v: preparing wrapper module (staging modules at $staging)"
+  cat >go.mod <<MOD
+module emailqueue.dev/testbed/kubernetes
+
+go 1.26
+
+require k8s.io/kubernetes $v
+MOD
+  # k8s.io/kubernetes points every k8s.io/<staging> module at ./staging/src;
+  # the list is read from its own go.mod so it stays right across versions.
+  local gomod
+  gomod=$(go mod download -json "k8s.io/kubernetes@$v" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
+  python3 - "$gomod" "$staging" >>go.mod <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+mods = sorted(set(re.findall(r'^\s*(k8s\.io/[\w.\-/]+)\s+=>\s+\./staging/src/', text, re.M)))
+if not mods:
+    sys.exit("no staging replace directives found in k8s.io/kubernetes go.mod")
+print("\nreplace (")
+for m in mods:
+    print(f"\t{m} => {m} {sys.argv[2]}")
+print(")")
+PY
+  go get "k8s.io/kubernetes/cmd/kube-apiserver@$v" "k8s.io/kubernetes/cmd/kubectl@$v"
+  local major=${v#v}; major=${major%%.*}
+  local minor=${v#v*.}; minor=${minor%%.*}
+  local ld="-s -w"
+  local pkg
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
+    ld+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  log "kubernetes $v: building kube-apiserver (slow on 2 cores)"
+  go build -trimpath -ldflags "$ld" -o kube-apiserver.new k8s.io/kubernetes/cmd/kube-apiserver
+  install_bin kube-apiserver "$v" kube-apiserver.new
+  log "kubernetes $v: building kubectl"
+  go build -trimpath -ldflags "$ld" -o kubectl.new k8s.io/kubernetes/cmd/kubectl
+  install_bin kubectl "$v" kubectl.new
+}
+
+build_etcd() {
+  local v=$ETCD_VERSION
+  have etcd "$v" && return
+  local dir="$SRC/etcd-$v"
+  mkdir -p "$dir" && cd "$dir"
+  log "etcd $v: wrapper module"
+  cat >go.mod <<MOD
+module emailqueue.dev/testbed/etcd
+
+go 1.26
+MOD
+  cat >main.go <<'GO'
+// Command etcd is the etcd server, built from go.etcd.io/etcd/server/v3.
+package main
+
+import (
+	"os"
+
+	"go.etcd.io/etcd/server/v3/etcdmain"
+)
+
+func main() { etcdmain.Main(os.Args) }
+GO
+  go get "go.etcd.io/etcd/server/v3@$v"
+  go mod tidy
+  go build -trimpath -ldflags "-s -w" -o etcd.new .
+  install_bin etcd "$v" etcd.new
+}
+
+build_helm() {
+  local v=$HELM_VERSION
+  have helm "$v" && return
+  local dir="$SRC/helm-$v"
+  mkdir -p "$dir" && cd "$dir"
+  log "helm $v"
+  printf 'module emailqueue.dev/testbed/helm\n\ngo 1.26\n' >go.mod
+  go get "helm.sh/helm/v3/cmd/helm@$v"
+  go build -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$v" -o helm.new helm.sh/helm/v3/cmd/helm
+  install_bin helm "$v" helm.new
+}
+
+build_promtool() {
+  local v=$PROMETHEUS_VERSION
+  have promtool "$v" && return
+  local dir="$SRC/prometheus-$v"
+  mkdir -p "$dir" && cd "$dir"
+  log "promtool (prometheus module $v)"
+  printf 'module emailqueue.dev/testbed/prometheus\n\ngo 1.26\n' >go.mod
+  go get "github.com/prometheus/prometheus/cmd/promtool@$v"
+  go build -trimpath -ldflags "-s -w -X github.com/prometheus/common/version.Version=$v" -o promtool.new github.com/prometheus/prometheus/cmd/promtool
+  install_bin promtool "$v" promtool.new
+}
+
+targets=("$@")
+[ ${#targets[@]} -eq 0 ] && targets=(all)
+for t in "${targets[@]}"; do
+  case $t in
+    all) build_etcd; build_kube; build_helm; build_promtool ;;
+    kube) build_kube ;;
+    etcd) build_etcd ;;
+    helm) build_helm ;;
+    promtool) build_promtool ;;
+    *) echo "unknown target: $t" >&2; exit 2 ;;
+  esac
+done
+log "cached binaries in $BIN:"
+ls -1 "$BIN" >&2

@@ -1,0 +1,1 @@
+"""The local test bed: kube-apiserver + etcd, RabbitMQ and a recording SMTP server."""

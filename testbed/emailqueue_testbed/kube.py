@@ -1,0 +1,144 @@
+"""etcd + kube-apiserver on loopback, the way envtest runs them.
+
+Generates a CA, a serving certificate, an admin client certificate (group
+system:masters), a service-account key pair and a static token for a second,
+unprivileged identity, starts etcd and kube-apiserver (RBAC authorizer) and writes
+a kubeconfig with two contexts: `testbed` (admin) and `unprivileged`.
+"""
+from __future__ import annotations
+
+import secrets
+import shutil
+import ssl
+import subprocess
+import urllib.request
+from pathlib import Path
+
+from . import state
+
+COMPONENT = "kube"
+UNPRIVILEGED_USER = "testbed-user"
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    result = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
+    if result.returncode:
+        raise state.TestbedError(f"openssl {' '.join(args[:2])} failed: {result.stderr.strip()}")
+
+
+def make_pki(pki: Path) -> None:
+    """CA, apiserver serving cert (127.0.0.1/localhost), admin client cert, SA keys."""
+    if (pki / "admin.crt").exists():
+        return
+    pki.mkdir(parents=True, exist_ok=True)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650", "-subj", "/CN=testbed-ca",
+             "-keyout", "ca.key", "-out", "ca.crt", cwd=pki)
+    (pki / "san.ext").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
+        "DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n")
+    (pki / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for name, subject, ext in (("apiserver", "/CN=kube-apiserver", "san.ext"),
+                               ("admin", "/O=system:masters/CN=testbed-admin", "client.ext")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", f"{name}.key",
+                 "-out", f"{name}.csr", cwd=pki)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-days", "3650", "-extfile", ext, "-out", f"{name}.crt", cwd=pki)
+    _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
+    _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
+    (pki / "tokens.csv").write_text(f"{secrets.token_hex(16)},{UNPRIVILEGED_USER},1001,testbed-users\n")
+
+
+def write_kubeconfig(path: Path, pki: Path, server: str) -> None:
+    token = (pki / "tokens.csv").read_text().split(",", 1)[0]
+    path.write_text(f"""apiVersion: v1
+kind: Config
+clusters:
+- name: testbed
+  cluster:
+    server: {server}
+    certificate-authority: {pki / 'ca.crt'}
+users:
+- name: testbed-admin
+  user:
+    client-certificate: {pki / 'admin.crt'}
+    client-key: {pki / 'admin.key'}
+- name: {UNPRIVILEGED_USER}
+  user:
+    token: {token}
+contexts:
+- name: testbed
+  context: {{cluster: testbed, user: testbed-admin}}
+- name: unprivileged
+  context: {{cluster: testbed, user: {UNPRIVILEGED_USER}}}
+current-context: testbed
+""")
+    path.chmod(0o600)
+
+
+def _readyz(server: str, pki: Path) -> bool:
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+    try:
+        with urllib.request.urlopen(f"{server}/readyz", context=ctx, timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def healthy(record: state.Record | None) -> bool:
+    if record is None or not all(state.alive(p) for p in record.pids):
+        return False
+    return _readyz(record.facts["server"], Path(record.facts["pki"]))
+
+
+def up(timeout: float = 180.0) -> state.Record:
+    """Start etcd and kube-apiserver unless a healthy pair is already running."""
+    record = state.load(COMPONENT)
+    if healthy(record):
+        return record
+    state.stop(COMPONENT)
+    base = state.STATE_DIR / "kube"
+    shutil.rmtree(base / "etcd", ignore_errors=True)
+    pki = base / "pki"
+    make_pki(pki)
+    logs = state.STATE_DIR / "logs"
+    etcd_port, peer_port, api_port = state.free_port(), state.free_port(), state.free_port()
+    etcd_url = f"http://127.0.0.1:{etcd_port}"
+    etcd_pid = state.spawn([
+        state.binary("etcd"), "--name", "testbed", "--data-dir", base / "etcd",
+        "--listen-client-urls", etcd_url, "--advertise-client-urls", etcd_url,
+        "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+        "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+        "--initial-cluster", f"testbed=http://127.0.0.1:{peer_port}",
+        "--unsafe-no-fsync", "--log-level", "warn",
+    ], logs / "etcd.log")
+    state.save(state.Record(COMPONENT, (etcd_pid,), {}))
+    state.wait_until(lambda: state.port_open(etcd_port), 30, "etcd", log=logs / "etcd.log")
+    server = f"https://127.0.0.1:{api_port}"
+    api_pid = state.spawn([
+        state.binary("kube-apiserver"),
+        "--etcd-servers", etcd_url, "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+        "--secure-port", str(api_port),
+        "--tls-cert-file", pki / "apiserver.crt", "--tls-private-key-file", pki / "apiserver.key",
+        "--client-ca-file", pki / "ca.crt",
+        "--authorization-mode", "RBAC", "--token-auth-file", pki / "tokens.csv",
+        "--service-account-key-file", pki / "sa.pub", "--service-account-signing-key-file", pki / "sa.key",
+        "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
+        "--service-cluster-ip-range", "10.96.0.0/16", "--allow-privileged=true",
+        # No controller-manager or scheduler here: admission that waits on them is off.
+        "--disable-admission-plugins", "ServiceAccount,NamespaceLifecycle",
+        "--profiling=false", "--v=1",
+    ], logs / "kube-apiserver.log")
+    kubeconfig = state.STATE_DIR / "kubeconfig"
+    write_kubeconfig(kubeconfig, pki, server)
+    record = state.Record(COMPONENT, (etcd_pid, api_pid),
+                          {"server": server, "pki": str(pki), "kubeconfig": str(kubeconfig),
+                           "version": state.versions()["KUBERNETES_VERSION"]})
+    state.save(record)
+    state.wait_until(lambda: _readyz(server, pki), timeout, "kube-apiserver /readyz",
+                     interval=0.5, log=logs / "kube-apiserver.log")
+    return record
+
+
+def down() -> bool:
+    return state.stop(COMPONENT)
