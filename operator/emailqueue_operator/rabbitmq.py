@@ -1,0 +1,392 @@
+"""Broker probes: queue depth, consumers and rates from RabbitMQ.
+
+Owns every connection the operator makes to a broker. One AMQP connection per
+(broker, vhost, user) and one HTTP session per management endpoint are shared by all
+EmailQueues that name them (KEDA opened one per ScaledObject), and a broker that
+fails is not retried more often than its backoff allows, so hundreds of resources
+pointing at a dead broker cost neither connections nor a busy loop.
+
+Credentials never appear in errors, logs or reprs: `BrokerError` messages name the
+broker as `host:port/vhost` only.
+"""
+from __future__ import annotations
+
+import math
+import re
+import ssl
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import pika
+import pika.exceptions
+import requests
+
+AMQP_DEFAULT_PORT = 5672
+AMQPS_DEFAULT_PORT = 5671
+
+
+class BrokerError(Exception):
+    """A probe failed; the message is safe to show (no credentials)."""
+
+    reason = "BrokerUnreachable"
+
+
+class QueueNotFound(BrokerError):
+    reason = "QueueNotFound"
+
+
+class BrokerAuthError(BrokerError):
+    reason = "BrokerAuthFailed"
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    enabled: bool = False
+    ca_pem: str | None = None
+    server_name: str | None = None
+    insecure_skip_verify: bool = False
+
+    def context(self) -> ssl.SSLContext | None:
+        if not self.enabled:
+            return None
+        ctx = ssl.create_default_context(cadata=self.ca_pem) if self.ca_pem else ssl.create_default_context()
+        if self.insecure_skip_verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+
+@dataclass(frozen=True)
+class AmqpEndpoint:
+    """Where and as whom to connect over AMQP. The password is kept out of repr."""
+
+    host: str
+    port: int
+    vhost: str
+    username: str
+    password: str = field(repr=False)
+    tls: TlsOptions = TlsOptions()
+
+    @property
+    def display(self) -> str:
+        return f"{self.host}:{self.port}/{self.vhost}"
+
+    @classmethod
+    def from_uri(cls, uri: str, tls: TlsOptions | None = None) -> "AmqpEndpoint":
+        """Parse amqp[s]://user:pass@host:port/vhost (user and password percent-encoded)."""
+        try:
+            parts = urllib.parse.urlsplit(uri.strip())
+            port = parts.port
+        except ValueError as exc:
+            raise BrokerError(f"the AMQP URI is malformed ({type(exc).__name__})") from None
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            raise BrokerError("the AMQP URI must look like amqp://user:password@host:5672/vhost")
+        secure = parts.scheme == "amqps"
+        tls = tls or TlsOptions()
+        if secure and not tls.enabled:
+            tls = TlsOptions(True, tls.ca_pem, tls.server_name, tls.insecure_skip_verify)
+        vhost = urllib.parse.unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+        return cls(host=parts.hostname, port=port or (AMQPS_DEFAULT_PORT if secure else AMQP_DEFAULT_PORT),
+                   vhost=vhost, username=urllib.parse.unquote(parts.username or "guest"),
+                   password=urllib.parse.unquote(parts.password or "guest"), tls=tls)
+
+
+@dataclass(frozen=True)
+class ManagementEndpoint:
+    url: str
+    username: str
+    password: str = field(repr=False)
+    tls: TlsOptions = TlsOptions()
+
+    @property
+    def display(self) -> str:
+        parts = urllib.parse.urlsplit(self.url)
+        return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """One probe's view of a queue (or of the queues a regex matched, aggregated)."""
+
+    ready: int
+    unacked: int | None
+    consumers: int | None
+    publish_rate: float | None
+    ack_rate: float | None
+    deliver_rate: float | None
+    oldest_age_seconds: float | None
+    queues: tuple[str, ...]
+    source: str  # "amqp" | "management"
+
+
+# --- pure helpers -----------------------------------------------------------------
+
+def aggregate(values: Iterable[float | None], how: str) -> float | None:
+    """sum / max / avg of the known values (None when none is known)."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return None
+    if how == "sum":
+        return float(sum(known))
+    if how == "max":
+        return float(max(known))
+    if how == "avg":
+        return float(sum(known)) / len(known)
+    raise ValueError(f"unknown aggregate {how!r}")
+
+
+def _rate(queue: Mapping[str, Any], key: str) -> float | None:
+    details = (queue.get("message_stats") or {}).get(f"{key}_details")
+    return float(details["rate"]) if details and "rate" in details else None
+
+
+def stats_from_management(queues: list[Mapping[str, Any]], how: str, now: float) -> QueueStats:
+    """Aggregate management-API queue objects into one QueueStats (pure)."""
+    def agg_int(values: Iterable[float | None]) -> int | None:
+        value = aggregate(values, how)
+        return None if value is None else int(math.ceil(value))
+
+    ages = []
+    for queue in queues:
+        stamp = queue.get("head_message_timestamp")
+        ages.append(max(0.0, now - float(stamp)) if isinstance(stamp, (int, float)) else None)
+    # Without any publish stats the rate is 0, not unknown: the queue had no traffic.
+    def rate(key: str) -> float | None:
+        values = [_rate(q, key) for q in queues]
+        if all(v is None for v in values):
+            return 0.0 if queues else None
+        return aggregate(values, how)
+
+    return QueueStats(
+        ready=agg_int(q.get("messages_ready", 0) for q in queues) or 0,
+        unacked=agg_int(q.get("messages_unacknowledged", 0) for q in queues),
+        consumers=agg_int(q.get("consumers", 0) for q in queues),
+        publish_rate=rate("publish"), ack_rate=rate("ack"), deliver_rate=rate("deliver_get"),
+        oldest_age_seconds=aggregate(ages, "max"),
+        queues=tuple(sorted(str(q.get("name")) for q in queues)), source="management")
+
+
+# --- AMQP -------------------------------------------------------------------------
+
+class _Backoff:
+    """Exponential backoff between connection attempts to one broker (no busy loop)."""
+
+    def __init__(self, base: float = 1.0, cap: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.base, self.cap, self.clock = base, cap, clock
+        self.failures = 0
+        self.next_try = 0.0
+        self.last_error = ""
+
+    def check(self, display: str) -> None:
+        wait = self.next_try - self.clock()
+        if wait > 0:
+            raise BrokerError(f"broker {display} unreachable ({self.last_error}); next attempt in {wait:.0f}s")
+
+    def failed(self, error: str) -> None:
+        self.failures += 1
+        self.last_error = error
+        self.next_try = self.clock() + min(self.cap, self.base * 2 ** (self.failures - 1))
+
+    def succeeded(self) -> None:
+        self.failures, self.next_try, self.last_error = 0, 0.0, ""
+
+
+class AmqpProbe:
+    """A shared AMQP connection for one endpoint; probes queues by passive declare.
+
+    pika's BlockingConnection is not thread-safe, so calls are serialised by a lock:
+    a passive declare is a sub-millisecond round trip on a healthy broker.
+    """
+
+    def __init__(self, endpoint: AmqpEndpoint, timeout: float = 5.0) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._connection: pika.BlockingConnection | None = None
+        self._channel = None
+        self._backoff = _Backoff()
+        self.connects = 0  # how many connections were opened (for tests and benchmarks)
+
+    def _parameters(self) -> pika.ConnectionParameters:
+        ep = self.endpoint
+        ssl_options = None
+        ctx = ep.tls.context()
+        if ctx is not None:
+            ssl_options = pika.SSLOptions(ctx, ep.tls.server_name or ep.host)
+        return pika.ConnectionParameters(
+            host=ep.host, port=ep.port, virtual_host=ep.vhost,
+            credentials=pika.PlainCredentials(ep.username, ep.password),
+            ssl_options=ssl_options, heartbeat=30, blocked_connection_timeout=self.timeout,
+            socket_timeout=self.timeout, stack_timeout=self.timeout * 2, connection_attempts=1,
+            client_properties={"connection_name": "emailqueue-operator"})
+
+    def _connect(self) -> None:
+        self._backoff.check(self.endpoint.display)
+        try:
+            self._connection = pika.BlockingConnection(self._parameters())
+            self._channel = self._connection.channel()
+            self.connects += 1
+        except pika.exceptions.ProbableAuthenticationError:
+            self._backoff.failed("authentication failed")
+            raise BrokerAuthError(f"broker {self.endpoint.display}: authentication failed for the configured user") from None
+        except pika.exceptions.ProbableAccessDeniedError:
+            self._backoff.failed("access denied")
+            raise BrokerAuthError(f"broker {self.endpoint.display}: access to the vhost denied") from None
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            self._backoff.failed(type(exc).__name__)
+            raise BrokerError(f"broker {self.endpoint.display} unreachable ({type(exc).__name__})") from None
+        self._backoff.succeeded()
+
+    def _reset(self) -> None:
+        try:
+            if self._connection is not None and self._connection.is_open:
+                self._connection.close()
+        except Exception:  # closing a broken connection may fail in many ways; it is gone either way
+            pass
+        self._connection = self._channel = None
+
+    def queue_depth(self, queue: str) -> QueueStats:
+        with self._lock:
+            for attempt in (1, 2):  # a stale connection gets one fresh retry
+                if self._connection is None or not self._connection.is_open:
+                    self._reset()
+                    self._connect()
+                try:
+                    if self._channel is None or not self._channel.is_open:
+                        self._channel = self._connection.channel()
+                    ok = self._channel.queue_declare(queue, passive=True)
+                    return QueueStats(ready=ok.method.message_count, unacked=None,
+                                      consumers=ok.method.consumer_count, publish_rate=None, ack_rate=None,
+                                      deliver_rate=None, oldest_age_seconds=None, queues=(queue,), source="amqp")
+                except pika.exceptions.ChannelClosedByBroker as exc:
+                    self._channel = None
+                    if exc.reply_code == 404:
+                        raise QueueNotFound(f"queue {queue!r} not found on {self.endpoint.display}") from None
+                    raise BrokerError(f"broker {self.endpoint.display} refused the probe ({exc.reply_code})") from None
+                except (pika.exceptions.AMQPError, OSError) as exc:
+                    self._reset()
+                    if attempt == 2:
+                        self._backoff.failed(type(exc).__name__)
+                        raise BrokerError(f"broker {self.endpoint.display} connection lost ({type(exc).__name__})") from None
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        with self._lock:
+            self._reset()
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None and self._connection.is_open
+
+
+# --- Management HTTP API ----------------------------------------------------------
+
+class ManagementProbe:
+    """A shared HTTP session for one management endpoint.
+
+    Listing a vhost's queues is cached for `cache_seconds` so a thousand EmailQueues
+    on one vhost cost one request per interval, not one each.
+    """
+
+    COLUMNS = "name,messages_ready,messages_unacknowledged,consumers,message_stats,head_message_timestamp"
+
+    def __init__(self, endpoint: ManagementEndpoint, timeout: float = 5.0, cache_seconds: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.cache_seconds = cache_seconds
+        self.clock, self.wall = clock, wall
+        self._session = requests.Session()
+        self._session.auth = (endpoint.username, endpoint.password)
+        if endpoint.tls.enabled and endpoint.tls.insecure_skip_verify:
+            self._session.verify = False
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[float, list[dict[str, Any]]]] = {}
+        self._fetch_locks: dict[str, threading.Lock] = {}
+        self._backoff = _Backoff(clock=clock)
+        self.requests = 0
+
+    def _list_queues(self, vhost: str) -> list[dict[str, Any]]:
+        with self._lock:
+            fetch_lock = self._fetch_locks.setdefault(vhost, threading.Lock())
+        with fetch_lock:  # one request in flight per vhost; the others wait for its answer
+            cached = self._cache.get(vhost)
+            if cached and self.clock() - cached[0] < self.cache_seconds:
+                return cached[1]
+            self._backoff.check(self.endpoint.display)
+            url = f"{self.endpoint.url.rstrip('/')}/api/queues/{urllib.parse.quote(vhost, safe='')}"
+            try:
+                self.requests += 1
+                resp = self._session.get(url, params={"columns": self.COLUMNS, "disable_stats": "false"},
+                                         timeout=self.timeout)
+            except requests.RequestException as exc:
+                self._backoff.failed(type(exc).__name__)
+                raise BrokerError(f"management API {self.endpoint.display} unreachable ({type(exc).__name__})") from None
+            if resp.status_code in (401, 403):
+                self._backoff.failed(f"HTTP {resp.status_code}")
+                raise BrokerAuthError(f"management API {self.endpoint.display}: HTTP {resp.status_code} for the configured user")
+            if resp.status_code == 404:
+                raise QueueNotFound(f"vhost {vhost!r} not found on {self.endpoint.display}")
+            if resp.status_code >= 400:
+                self._backoff.failed(f"HTTP {resp.status_code}")
+                raise BrokerError(f"management API {self.endpoint.display}: HTTP {resp.status_code}")
+            self._backoff.succeeded()
+            queues = resp.json()
+            self._cache[vhost] = (self.clock(), queues)
+            return queues
+
+    def queue_stats(self, vhost: str, queue: str | None = None, queue_regex: str | None = None,
+                    how: str = "sum") -> QueueStats:
+        queues = self._list_queues(vhost)
+        if queue_regex is not None:
+            pattern = re.compile(queue_regex)
+            matched = [q for q in queues if pattern.fullmatch(str(q.get("name", "")))]
+            if not matched:
+                raise QueueNotFound(f"no queue matches {queue_regex!r} in vhost {vhost!r} on {self.endpoint.display}")
+        else:
+            matched = [q for q in queues if q.get("name") == queue]
+            if not matched:
+                raise QueueNotFound(f"queue {queue!r} not found in vhost {vhost!r} on {self.endpoint.display}")
+        return stats_from_management(matched, how, self.wall())
+
+    def close(self) -> None:
+        self._session.close()
+
+
+# --- the pool: one probe per endpoint ------------------------------------------------
+
+class BrokerPool:
+    """Hands out shared probes, one per endpoint; the operator has exactly one pool."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._amqp: dict[AmqpEndpoint, AmqpProbe] = {}
+        self._management: dict[ManagementEndpoint, ManagementProbe] = {}
+
+    def amqp(self, endpoint: AmqpEndpoint) -> AmqpProbe:
+        with self._lock:
+            probe = self._amqp.get(endpoint)
+            if probe is None:
+                probe = self._amqp[endpoint] = AmqpProbe(endpoint)
+            return probe
+
+    def management(self, endpoint: ManagementEndpoint) -> ManagementProbe:
+        with self._lock:
+            probe = self._management.get(endpoint)
+            if probe is None:
+                probe = self._management[endpoint] = ManagementProbe(endpoint)
+            return probe
+
+    def open_connections(self) -> int:
+        with self._lock:
+            return sum(1 for probe in self._amqp.values() if probe.connected)
+
+    def close(self) -> None:
+        with self._lock:
+            for probe in [*self._amqp.values(), *self._management.values()]:
+                probe.close()
+            self._amqp.clear()
+            self._management.clear()

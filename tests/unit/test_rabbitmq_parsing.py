@@ -1,0 +1,75 @@
+"""Broker probe helpers that need no broker: URIs, aggregation, management stats."""
+from __future__ import annotations
+
+import pytest
+
+from emailqueue_operator.rabbitmq import AmqpEndpoint, BrokerError, _Backoff, aggregate, stats_from_management
+
+
+@pytest.mark.parametrize("uri, host, port, vhost, user, password", [
+    # plain URI, default vhost
+    ("amqp://u:p@rabbit:5672/", "rabbit", 5672, "/", "u", "p"),
+    # percent-encoded special characters in the password and a named vhost
+    ("amqp://mail%2Bbot:p%40ss%2F%3Aw%25rd@rabbit.svc/emails%2Fprod", "rabbit.svc", 5672, "emails/prod",
+     "mail+bot", "p@ss/:w%rd"),
+    # amqps implies TLS and its default port
+    ("amqps://u:p@rabbit", "rabbit", 5671, "/", "u", "p"),
+])
+def test_uri_parsing(uri, host, port, vhost, user, password):
+    ep = AmqpEndpoint.from_uri(uri)
+    assert (ep.host, ep.port, ep.vhost, ep.username, ep.password) == (host, port, vhost, user, password)
+    assert ep.tls.enabled == uri.startswith("amqps")
+
+
+def test_password_never_in_repr_or_errors():
+    ep = AmqpEndpoint.from_uri("amqp://u:s3cr3t@rabbit/")
+    assert "s3cr3t" not in repr(ep) and "s3cr3t" not in ep.display
+    with pytest.raises(BrokerError) as exc:
+        AmqpEndpoint.from_uri("http://u:s3cr3t@rabbit/")
+    assert "s3cr3t" not in str(exc.value)
+    with pytest.raises(BrokerError) as exc:
+        AmqpEndpoint.from_uri("amqp://u:s3cr3t@rabbit:notaport/")
+    assert "s3cr3t" not in str(exc.value)
+
+
+def test_aggregate():
+    assert aggregate([1, 2, None, 6], "sum") == 9
+    assert aggregate([1, 2, None, 6], "max") == 6
+    assert aggregate([1, 2, None, 6], "avg") == 3
+    assert aggregate([None], "sum") is None
+
+
+def test_stats_from_management_aggregates_regex_matches():
+    queues = [
+        {"name": "emails-a", "messages_ready": 100, "messages_unacknowledged": 8, "consumers": 2,
+         "message_stats": {"publish_details": {"rate": 30.0}, "ack_details": {"rate": 20.0}},
+         "head_message_timestamp": 990},
+        {"name": "emails-b", "messages_ready": 50, "messages_unacknowledged": 2, "consumers": 1,
+         "message_stats": {"publish_details": {"rate": 10.0}}},
+    ]
+    total = stats_from_management(queues, "sum", now=1000.0)
+    assert (total.ready, total.unacked, total.consumers) == (150, 10, 3)
+    assert total.publish_rate == 40.0 and total.ack_rate == 20.0
+    assert total.oldest_age_seconds == 10.0
+    assert total.queues == ("emails-a", "emails-b")
+    assert stats_from_management(queues, "max", now=1000.0).ready == 100
+    assert stats_from_management(queues, "avg", now=1000.0).ready == 75
+
+
+def test_queue_without_traffic_has_zero_rates_not_unknown():
+    stats = stats_from_management([{"name": "q", "messages_ready": 0}], "sum", now=0.0)
+    assert stats.publish_rate == 0.0 and stats.ack_rate == 0.0
+
+
+def test_backoff_spaces_attempts():
+    now = [0.0]
+    backoff = _Backoff(base=1.0, cap=8.0, clock=lambda: now[0])
+    backoff.check("b")  # nothing failed yet
+    for expected_wait in (1, 2, 4, 8, 8):
+        backoff.failed("ConnectionRefused")
+        with pytest.raises(BrokerError, match="next attempt"):
+            backoff.check("b")
+        now[0] += expected_wait
+        backoff.check("b")
+    backoff.succeeded()
+    backoff.check("b")
