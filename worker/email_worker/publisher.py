@@ -1,0 +1,126 @@
+"""Publishing email jobs: the library call applications use to enqueue mail.
+
+`Publisher.publish(job)` validates the job against the message contract (so a producer
+learns about a bad job at once, not from the dead queue), fills in `id` and `created_at`
+when missing, and publishes it persistent (delivery_mode 2) with `message_id`,
+`timestamp` and content type set, in confirm mode: it returns only after the broker has
+the message, and raises `PublishError` otherwise. One connection per Publisher (not
+thread-safe; one per thread). A dropped connection is re-opened once per publish.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from types import TracebackType
+from typing import Any
+
+import pika
+import pika.exceptions
+
+from email_worker.logs import redact_text, redact_url
+from email_worker.message import DEFAULT_OPTIONS, ParseOptions, parse_message
+from email_worker.topology import DEFAULT_PREFIX, Topology, declare
+
+log = logging.getLogger("email_worker.publisher")
+CONTENT_TYPE = "application/json"
+
+
+class PublishError(RuntimeError):
+    """The broker did not take the message (unroutable, nacked, or unreachable)."""
+
+
+class Publisher:
+    def __init__(self, amqp_url: str, queue: str = DEFAULT_PREFIX, *, validate: bool = True,
+                 parse_options: ParseOptions = DEFAULT_OPTIONS, declare_topology: Topology | None = None,
+                 app_id: str = "email-worker-publisher") -> None:
+        """`queue` is the work queue (the topology prefix). `declare_topology` declares it first."""
+        self.amqp_url = amqp_url
+        self.queue = queue
+        self.validate = validate
+        self.parse_options = parse_options
+        self.app_id = app_id
+        self._topology = declare_topology
+        self._connection: Any = None
+        self._channel: Any = None
+
+    def __repr__(self) -> str:
+        return f"Publisher({redact_url(self.amqp_url)!r}, queue={self.queue!r})"
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def publish(self, job: Mapping[str, Any]) -> str:
+        """Enqueue one job (a dict following the message contract); returns its id."""
+        body, properties, job_id = self._prepare(job)
+        self._publish_confirmed(body, properties)
+        return job_id
+
+    def publish_many(self, jobs: Iterable[Mapping[str, Any]]) -> list[str]:
+        """Enqueue jobs in order; stops at the first failure (earlier ones stay published)."""
+        return [self.publish(job) for job in jobs]
+
+    def publish_raw(self, body: bytes, properties: pika.BasicProperties | None = None) -> None:
+        """Publish bytes as they are, unvalidated (tests, replaying dead letters)."""
+        self._publish_confirmed(body, properties or pika.BasicProperties(delivery_mode=2))
+
+    def close(self) -> None:
+        if self._connection is not None:
+            connection, self._connection, self._channel = self._connection, None, None
+            try:
+                if connection.is_open:
+                    connection.close()
+            except (pika.exceptions.AMQPError, OSError):
+                pass
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _prepare(self, job: Mapping[str, Any]) -> tuple[bytes, pika.BasicProperties, str]:
+        document = dict(job)
+        document.setdefault("id", uuid.uuid4().hex)
+        document.setdefault("created_at", datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
+        body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        properties = pika.BasicProperties(
+            content_type=CONTENT_TYPE, delivery_mode=pika.DeliveryMode.Persistent,
+            message_id=str(document["id"]), timestamp=int(time.time()), app_id=self.app_id)
+        if self.validate:
+            parse_message(body, properties, self.parse_options)  # raises InvalidMessage
+        return body, properties, str(document["id"])
+
+    def _open(self) -> Any:
+        if self._channel is None or not self._channel.is_open:
+            self.close()
+            try:
+                self._connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                raise PublishError(f"cannot connect to {redact_url(self.amqp_url)}: "
+                                   f"{type(exc).__name__} {redact_text(str(exc))}") from None
+            self._channel = self._connection.channel()
+            self._channel.confirm_delivery()
+            if self._topology is not None:
+                declare(self._channel, self._topology)
+        return self._channel
+
+    def _publish_confirmed(self, body: bytes, properties: pika.BasicProperties) -> None:
+        for attempt in (1, 2):
+            channel = self._open()
+            try:
+                channel.basic_publish("", self.queue, body, properties, mandatory=True)
+                return
+            except pika.exceptions.UnroutableError:
+                raise PublishError(f"queue {self.queue!r} does not exist (run `email-worker declare`)") from None
+            except pika.exceptions.NackError:
+                raise PublishError("broker refused the message (nack)") from None
+            except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError,
+                    pika.exceptions.ConnectionWrongStateError, OSError) as exc:
+                self.close()
+                if attempt == 2:
+                    raise PublishError(f"publish failed: {type(exc).__name__} {redact_text(str(exc))}") from None
+                log.warning("publisher connection lost; reconnecting once")

@@ -1,0 +1,467 @@
+"""The consume → send → settle loop: at-least-once delivery from RabbitMQ to SMTP.
+
+Threads: the main thread owns the pika BlockingConnection and does every channel
+operation (pika is not thread-safe). `concurrency` sender threads each own one SMTP
+connection; they take deliveries from a local queue and hand results back with
+`connection.add_callback_threadsafe`, so acks and publishes run on the main thread.
+
+Settling rules: ack only after the server's 250. A temporary failure is published to the
+next retry tier (with confirms) and THEN acked; a permanent failure, an invalid body or
+exhausted retries go to the dead queue with the reason in `x-death-reason`, then ack.
+If that publish fails the original is nacked back to the queue, so nothing is dropped.
+On stop (SIGTERM) the consumer is cancelled, deliveries not yet started are requeued,
+sends in progress get `grace_seconds` to finish and be acked; whatever is left is
+requeued. A lost broker connection is re-established with capped exponential backoff;
+deliveries of the dead connection are redelivered by the broker (duplicates are possible,
+recognisable by Message-ID, and are the price of never losing mail).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import queue
+import random
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import pika
+import pika.exceptions
+import pika.spec
+
+from email_worker.logs import redact_text, redact_url
+from email_worker.message import (
+    ATTEMPTS_HEADER, DEFAULT_OPTIONS, EmailJob, InvalidMessage, ParseOptions, parse_message,
+)
+from email_worker.metrics import Health, WorkerMetrics, serve_http
+from email_worker.ratelimit import TokenBucket
+from email_worker.routing import DEAD_INVALID, Route, route_failure
+from email_worker.smtp import SmtpConfig, SmtpSender
+from email_worker.topology import Topology, TopologyError, declare
+
+log = logging.getLogger("email_worker.worker")
+
+DEATH_REASON_HEADER = "x-death-reason"
+DEATH_DETAIL_HEADER = "x-death-detail"
+LAST_ERROR_HEADER = "x-last-error"
+
+# Errors that mean "this connection is gone": reconnect, the broker redelivers unacked work.
+_CONNECTION_ERRORS = (
+    pika.exceptions.AMQPConnectionError,
+    pika.exceptions.AMQPChannelError,
+    pika.exceptions.ConnectionWrongStateError,
+    pika.exceptions.ChannelWrongStateError,
+    OSError,
+)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    amqp_url: str
+    smtp: SmtpConfig = SmtpConfig()
+    topology: Topology = Topology()
+    concurrency: int = 4
+    """Sender threads, SMTP connections and AMQP prefetch (so new replicas get work at once)."""
+    rate_limit: float = 0.0
+    """Emails per second for this worker; 0 = unlimited."""
+    rate_burst: float = 1.0
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int | None = 9102
+    """None disables the HTTP endpoint; 0 picks a free port (logged at start-up)."""
+    grace_seconds: float = 25.0
+    """On stop: time allowed for in-progress sends before the rest is requeued (< pod grace period)."""
+    heartbeat_seconds: int = 30
+    blocked_connection_timeout: float = 120.0
+    """Give up on a connection the broker keeps blocked (memory/disk alarm) this long, then reconnect."""
+    broker_backoff_max: float = 30.0
+    parse: ParseOptions = DEFAULT_OPTIONS
+    declare_topology: bool = True
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        if self.grace_seconds < 0:
+            raise ValueError("grace_seconds must be >= 0")
+        if self.rate_limit < 0:
+            raise ValueError("rate_limit must be >= 0")
+
+    def __repr__(self) -> str:
+        return f"WorkerConfig(amqp_url={redact_url(self.amqp_url)!r}, smtp={self.smtp!r}, ...)"
+
+
+@dataclass
+class _Delivery:
+    connection: Any
+    generation: int
+    delivery_tag: int
+    properties: pika.spec.BasicProperties
+    body: bytes
+    job: EmailJob
+
+
+@dataclass(frozen=True)
+class _Sent:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: BaseException
+
+
+@dataclass(frozen=True)
+class _NotStarted:
+    """Taken off the local queue after stop was requested: goes back to the broker."""
+
+
+_Outcome = _Sent | _Failed | _NotStarted
+
+
+@dataclass
+class _Counters:
+    """Plain totals kept beside Prometheus so `run()` can log a summary at exit."""
+
+    sent: int = 0
+    retried: int = 0
+    dead: int = 0
+    requeued: int = 0
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, metrics: WorkerMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or WorkerMetrics(tiers=tuple(t.name for t in config.topology.retry.tiers))
+        self.health = Health(liveness_timeout=max(60.0, 4 * config.heartbeat_seconds))
+        self.counters = _Counters()
+        self.metrics_port: int | None = None
+        self._stop = threading.Event()
+        self._jobs: queue.Queue[_Delivery | None] = queue.Queue()
+        self._bucket = TokenBucket(config.rate_limit, max(1.0, config.rate_burst))
+        self._bucket_lock = threading.Lock()
+        self._generation = 0
+        self._channel: Any = None
+        self._in_flight: dict[int, _Delivery] = {}   # main thread only
+        self._senders: list[threading.Thread] = []
+        self._http: Any = None
+
+    # -- public -------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Request a graceful stop; safe from signal handlers and other threads."""
+        self._stop.set()
+
+    def run(self) -> int:
+        """Consume until stop(); returns the process exit code."""
+        cfg = self.config
+        if cfg.metrics_port is not None:
+            self._http = serve_http(self.metrics, self.health, cfg.metrics_host, cfg.metrics_port)
+            self.metrics_port = self._http.server_port
+        log.info("worker starting", extra={"fields": {
+            "broker": redact_url(cfg.amqp_url), "queue": cfg.topology.work_queue,
+            "smtp": f"{cfg.smtp.host}:{cfg.smtp.port}", "smtp_tls": cfg.smtp.tls,
+            "concurrency": cfg.concurrency, "rate_limit": cfg.rate_limit, "metrics_port": self.metrics_port,
+            "retry_tiers": [t.name for t in cfg.topology.retry.tiers], "pid": os.getpid()}})
+        for index in range(cfg.concurrency):
+            thread = threading.Thread(target=self._sender_loop, name=f"sender-{index}", daemon=True)
+            thread.start()
+            self._senders.append(thread)
+        exit_code = 0
+        failures = 0
+        try:
+            while not self._stop.is_set():
+                connection = self._connect(failures)
+                if connection is None:
+                    failures += 1
+                    continue
+                failures = 0
+                try:
+                    self._consume(connection)
+                except TopologyError as exc:
+                    log.error("topology declaration failed", extra={"fields": {"reason": str(exc)}})
+                    _close_quietly(connection)
+                    exit_code = 2
+                    break
+                except _CONNECTION_ERRORS as exc:
+                    self._connection_lost(connection, exc)
+                    failures += 1
+                    self._stop.wait(self._backoff(failures))
+        finally:
+            self.health.ready = False
+            self.metrics.broker_connected.set(0)
+            for _ in self._senders:
+                self._jobs.put(None)
+            for thread in self._senders:
+                thread.join(timeout=5)
+            if self._http is not None:
+                self._http.shutdown()
+        log.info("worker stopped", extra={"fields": {
+            "sent": self.counters.sent, "retried": self.counters.retried, "dead_lettered": self.counters.dead,
+            "requeued": self.counters.requeued}})
+        return exit_code
+
+    # -- broker side (main thread) -----------------------------------------------------------
+
+    def _connect(self, failures: int) -> Any | None:
+        cfg = self.config
+        try:
+            params = pika.URLParameters(cfg.amqp_url)
+        except Exception as exc:  # a malformed URL is not going to heal: say so, keep retrying slowly
+            log.error("invalid AMQP URL", extra={"fields": {"error": redact_text(str(exc))}})
+            self._stop.wait(self._backoff(failures + 1))
+            return None
+        params.heartbeat = cfg.heartbeat_seconds
+        params.blocked_connection_timeout = cfg.blocked_connection_timeout
+        params.connection_attempts = 1
+        params.socket_timeout = 10
+        params.client_properties = {"connection_name": f"email-worker {socket.gethostname()} pid {os.getpid()}"}
+        try:
+            return pika.BlockingConnection(params)
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            delay = self._backoff(failures + 1)
+            log.error("cannot connect to broker; retrying", extra={"fields": {
+                "broker": redact_url(cfg.amqp_url), "error": _describe(exc), "retry_in_seconds": round(delay, 2),
+                "attempt": failures + 1}})
+            self._stop.wait(delay)
+            return None
+
+    def _backoff(self, failures: int) -> float:
+        base = min(self.config.broker_backoff_max, 0.5 * 2 ** min(max(failures - 1, 0), 16))
+        # Jitter so a fleet restarting together does not hammer the broker in lockstep.
+        return base * random.uniform(0.8, 1.2)
+
+    def _consume(self, connection: Any) -> None:
+        cfg = self.config
+        self._generation += 1
+        self._in_flight.clear()
+        channel = connection.channel()
+        channel.confirm_delivery()
+        if cfg.declare_topology:
+            declare(channel, cfg.topology)
+        channel.basic_qos(prefetch_count=cfg.concurrency)
+        self._channel = channel
+        consumer_tag = channel.basic_consume(cfg.topology.work_queue, self._on_message)
+        self.health.ready = True
+        self.metrics.broker_connected.set(1)
+        log.info("consuming", extra={"fields": {"queue": cfg.topology.work_queue, "prefetch": cfg.concurrency}})
+        while not self._stop.is_set():
+            connection.process_data_events(time_limit=0.5)
+            self.health.tick()
+            if consumer_tag not in channel.consumer_tags:
+                raise pika.exceptions.ChannelWrongStateError("consumer cancelled by the broker (queue deleted?)")
+        self._drain(connection, channel, consumer_tag)
+
+    def _drain(self, connection: Any, channel: Any, consumer_tag: str) -> None:
+        """Graceful stop: no new deliveries, requeue unstarted ones, let sends finish, close."""
+        self.health.ready = False
+        log.info("stopping: draining in-flight sends", extra={"fields": {
+            "in_flight": len(self._in_flight), "grace_seconds": self.config.grace_seconds}})
+        channel.basic_cancel(consumer_tag)  # pika nacks (requeue) anything prefetched but undispatched
+        self._requeue_unstarted()
+        deadline = time.monotonic() + self.config.grace_seconds
+        while self._in_flight and time.monotonic() < deadline:
+            connection.process_data_events(time_limit=min(0.2, max(0.0, deadline - time.monotonic())))
+            self._requeue_unstarted()
+        for delivery in list(self._in_flight.values()):
+            # Still sending after the grace period: return it; a late 250 makes it a duplicate, not a loss.
+            self._nack(delivery, "grace period over")
+        self._generation += 1  # late results from sender threads must not touch the closed channel
+        self.metrics.broker_connected.set(0)
+        _close_quietly(connection)
+
+    def _requeue_unstarted(self) -> None:
+        while True:
+            try:
+                delivery = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if delivery is None:  # not ours to swallow
+                self._jobs.put(None)
+                return
+            if delivery.generation == self._generation:
+                self._nack(delivery, "stopping")
+
+    def _connection_lost(self, connection: Any, exc: BaseException) -> None:
+        self.health.ready = False
+        self.metrics.broker_connected.set(0)
+        lost = len(self._in_flight)
+        self._generation += 1
+        self._in_flight.clear()
+        self.metrics.in_flight.set(0)
+        # Queued-but-unstarted deliveries die with the channel; the broker redelivers them.
+        while True:
+            try:
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self._jobs.put(None)
+                break
+        log.warning("broker connection lost; reconnecting", extra={"fields": {
+            "error": _describe(exc), "unsettled": lost}})
+        _close_quietly(connection)
+
+    def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        try:
+            job = parse_message(body, properties, self.config.parse)
+        except InvalidMessage as exc:
+            self.metrics.failed.labels("invalid").inc()
+            fields = {"delivery_tag": method.delivery_tag, "reason": exc.reason,
+                      "message_id": getattr(properties, "message_id", None)}
+            log.warning("invalid message; dead-lettering", extra={"fields": fields})
+            delivery = _Delivery(channel.connection, self._generation, method.delivery_tag, properties, body,
+                                 job=None)  # type: ignore[arg-type]
+            self._in_flight[method.delivery_tag] = delivery
+            self._dead_letter(delivery, DEAD_INVALID, exc.reason)
+            return
+        delivery = _Delivery(channel.connection, self._generation, method.delivery_tag, properties, body, job)
+        self._in_flight[method.delivery_tag] = delivery
+        self.metrics.in_flight.set(len(self._in_flight))
+        self._jobs.put(delivery)
+
+    def _settle(self, delivery: _Delivery, outcome: _Outcome) -> None:
+        """Runs on the connection thread (via add_callback_threadsafe)."""
+        if delivery.generation != self._generation or delivery.delivery_tag not in self._in_flight:
+            return  # channel gone since: the broker has requeued it
+        job = delivery.job
+        if isinstance(outcome, _Sent):
+            self._ack(delivery)
+            self.counters.sent += 1
+            self.metrics.sent.inc()
+            self.metrics.send_duration.observe(outcome.seconds)
+            waited = _time_in_queue(job)
+            if waited is not None:
+                self.metrics.time_in_queue.observe(waited)
+            log.debug("sent", extra={"fields": {"job_id": job.id, "attempts": job.attempts,
+                                                "seconds": round(outcome.seconds, 4)}})
+            return
+        if isinstance(outcome, _NotStarted):
+            self._nack(delivery, "stopping")
+            return
+        route = route_failure(job.attempts, outcome.error, self.config.topology.retry)
+        self.metrics.failed.labels(route.failure.failure_class).inc()
+        fields = {"job_id": job.id, "attempts": route.attempts, "class": route.failure.failure_class,
+                  "code": route.failure.code, "error": redact_text(route.failure.detail)}
+        if route.action == "retry":
+            assert route.tier is not None
+            log.info("send failed; retrying later", extra={"fields": {**fields, "tier": route.tier.name}})
+            self._retry(delivery, route)
+        else:
+            assert route.dead_reason is not None
+            log.warning("send failed; dead-lettering", extra={"fields": {**fields, "reason": route.dead_reason}})
+            self._dead_letter(delivery, route.dead_reason, route.failure.detail, attempts=route.attempts)
+
+    def _retry(self, delivery: _Delivery, route: Route) -> None:
+        assert route.tier is not None
+        headers = dict(delivery.properties.headers or {})
+        headers[ATTEMPTS_HEADER] = route.attempts
+        headers[LAST_ERROR_HEADER] = redact_text(route.failure.detail)
+        queue_name = self.config.topology.retry_queue(route.tier)
+        if self._publish_then_ack(delivery, queue_name, headers):
+            self.counters.retried += 1
+            self.metrics.retried.labels(route.tier.name).inc()
+
+    def _dead_letter(self, delivery: _Delivery, reason: str, detail: str, attempts: int | None = None) -> None:
+        headers = dict(delivery.properties.headers or {})
+        headers[DEATH_REASON_HEADER] = reason
+        headers[DEATH_DETAIL_HEADER] = redact_text(detail)
+        headers["x-dead-lettered-at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        headers["x-original-queue"] = self.config.topology.work_queue
+        if attempts is not None:
+            headers[ATTEMPTS_HEADER] = attempts
+        if self._publish_then_ack(delivery, self.config.topology.dead_queue, headers):
+            self.counters.dead += 1
+            self.metrics.dead_lettered.labels(reason).inc()
+
+    def _publish_then_ack(self, delivery: _Delivery, queue_name: str, headers: dict[str, Any]) -> bool:
+        original = delivery.properties
+        properties = pika.BasicProperties(
+            content_type=original.content_type, content_encoding=original.content_encoding,
+            headers=headers, delivery_mode=pika.DeliveryMode.Persistent, priority=original.priority,
+            correlation_id=original.correlation_id, reply_to=original.reply_to, message_id=original.message_id,
+            timestamp=original.timestamp, type=original.type, app_id=original.app_id)
+        try:
+            # Confirm mode: returns after the broker has the copy; raises if unroutable or nacked.
+            self._channel.basic_publish("", queue_name, delivery.body, properties, mandatory=True)
+        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
+            log.error("could not publish to %s; returning the job to the work queue", queue_name,
+                      extra={"fields": {"error": type(exc).__name__, "delivery_tag": delivery.delivery_tag}})
+            self._nack(delivery, "publish failed")
+            return False
+        self._ack(delivery)
+        return True
+
+    def _ack(self, delivery: _Delivery) -> None:
+        self._in_flight.pop(delivery.delivery_tag, None)
+        self.metrics.in_flight.set(len(self._in_flight))
+        self._channel.basic_ack(delivery.delivery_tag)
+
+    def _nack(self, delivery: _Delivery, why: str) -> None:
+        self._in_flight.pop(delivery.delivery_tag, None)
+        self.metrics.in_flight.set(len(self._in_flight))
+        self._channel.basic_nack(delivery.delivery_tag, requeue=True)
+        self.counters.requeued += 1
+        self.metrics.requeued.inc()
+        log.debug("requeued", extra={"fields": {"delivery_tag": delivery.delivery_tag, "why": why}})
+
+    # -- SMTP side (sender threads) ----------------------------------------------------------
+
+    def _sender_loop(self) -> None:
+        sender = SmtpSender(self.config.smtp, on_connect=self.metrics.smtp_reconnects.inc)
+        try:
+            while True:
+                delivery = self._jobs.get()
+                if delivery is None:
+                    return
+                outcome = self._send_one(sender, delivery)
+                try:
+                    delivery.connection.add_callback_threadsafe(functools.partial(self._settle, delivery, outcome))
+                except _CONNECTION_ERRORS:
+                    pass  # connection closed meanwhile: the broker redelivers this job
+        finally:
+            sender.close()
+
+    def _send_one(self, sender: SmtpSender, delivery: _Delivery) -> _Outcome:
+        wait = sender.ready_in()
+        if wait > 0:
+            log.warning("SMTP unavailable; backing off", extra={"fields": {"retry_in_seconds": round(wait, 2)}})
+            if self._stop.wait(wait):
+                return _NotStarted()
+        with self._bucket_lock:
+            self._bucket, wait = self._bucket.reserve(time.monotonic())
+        if wait > 0 and self._stop.wait(wait):
+            return _NotStarted()
+        if self._stop.is_set() or delivery.generation != self._generation:
+            return _NotStarted()
+        started = time.monotonic()
+        try:
+            sender.send(delivery.job)
+        except Exception as exc:  # classified by routing; nothing escapes the thread
+            return _Failed(exc)
+        return _Sent(time.monotonic() - started)
+
+
+def _time_in_queue(job: EmailJob) -> float | None:
+    if job.enqueued_at is not None:
+        start = job.enqueued_at
+    elif job.created_at is not None:
+        start = job.created_at.timestamp()
+    else:
+        return None
+    return max(0.0, time.time() - start)
+
+
+def _describe(exc: BaseException) -> str:
+    text = redact_text(str(exc)) or repr(exc)
+    return f"{type(exc).__name__}: {text}"
+
+
+def _close_quietly(connection: Any) -> None:
+    try:
+        if connection.is_open:
+            connection.close()
+    except _CONNECTION_ERRORS:
+        pass
