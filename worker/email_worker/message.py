@@ -46,6 +46,7 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
 _FIELD_NAME_RE = re.compile(r"^[!-9;-~]+$")  # printable ASCII without colon (RFC 5322 ftext)
 _LOCAL_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+)*$")
 _DOMAIN_LABEL_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9\-]{0,61}[A-Za-z0-9])?$")
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _NAME_ADDR_RE = re.compile(r"^(?P<display>.*?)\s*<(?P<addr>[^<>]*)>$", re.DOTALL)
 _PHRASE_SPECIALS = frozenset('<>@,;:"()[]\\')
 
@@ -263,8 +264,10 @@ def _no_line_breaks(value: str, name: str) -> None:
     # CR/LF in a header value lets the producer inject headers (e.g. a hidden Bcc).
     if "\r" in value or "\n" in value:
         raise InvalidMessage(f"header injection: CR/LF in {name}")
-    if "\x00" in value:
-        raise InvalidMessage(f"NUL character in {name}")
+    # Other C0 controls and Unicode line separators (\x1c-\x1e, \x85, \u2028...) are line
+    # breaks to Python's email package too; refuse them here rather than fail at send time.
+    if _CONTROL_RE.search(value) or len(value.splitlines()) > 1:
+        raise InvalidMessage(f"control character in {name}")
 
 
 def _addresses(raw: Any, name: str, required: bool = False) -> tuple[str, ...]:
