@@ -150,12 +150,22 @@ def patch_status(namespace: str, name: str, status: Mapping[str, Any]) -> None:
         raise
 
 
+_hpa_cache: dict[str, tuple[float, list[tuple[str, str, str]]]] = {}
+_hpa_lock = threading.Lock()
+HPA_CACHE_SECONDS = 15.0
+
+
 def conflicting_hpas(namespace: str, kind: str, name: str) -> list[str]:
-    """HorizontalPodAutoscalers in the namespace that also scale the target."""
-    try:
-        hpas = client.AutoscalingV2Api(api_client()).list_namespaced_horizontal_pod_autoscaler(
-            namespace, _request_timeout=10)
-    except ApiException:
-        return []
-    return [h.metadata.name for h in hpas.items
-            if h.spec.scale_target_ref.kind == kind and h.spec.scale_target_ref.name == name]
+    """HorizontalPodAutoscalers in the namespace that also scale the target (listed at most every 15 s)."""
+    with _hpa_lock:
+        cached = _hpa_cache.get(namespace)
+    if cached is None or time.monotonic() - cached[0] > HPA_CACHE_SECONDS:
+        try:
+            items = client.AutoscalingV2Api(api_client()).list_namespaced_horizontal_pod_autoscaler(
+                namespace, _request_timeout=10).items
+        except ApiException:
+            items = []  # unreadable HPAs (RBAC) must not stop scaling
+        refs = [(h.metadata.name, h.spec.scale_target_ref.kind, h.spec.scale_target_ref.name) for h in items]
+        with _hpa_lock:
+            _hpa_cache[namespace] = cached = (time.monotonic(), refs)
+    return [hpa for hpa, hpa_kind, hpa_target in cached[1] if hpa_kind == kind and hpa_target == name]

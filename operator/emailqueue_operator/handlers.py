@@ -1,0 +1,92 @@
+"""kopf handlers: one async daemon per EmailQueue runs its poll loop.
+
+A daemon (not a timer) because each resource polls at its own `behavior.pollSeconds`.
+The blocking work (pika, the kubernetes client) runs in a worker thread; the policy
+state is restored from `status.policy` when the daemon starts, so an operator restart
+continues the stabilization windows, cooldowns and learned rates where they were.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import kopf
+from prometheus_client import REGISTRY
+
+from . import kube
+from .metrics import OperatorMetrics
+from .poller import Context, PollResult, poll
+from .rabbitmq import BrokerPool
+from .scaling import PolicyState
+
+GROUP, VERSION, PLURAL = kube.GROUP, kube.VERSION, kube.PLURAL
+
+CONTEXT = Context(pool=BrokerPool(), secrets=kube.SecretCache(), metrics=OperatorMetrics(REGISTRY))
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.finalizer = "emailqueue.dev/operator"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="emailqueue.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="emailqueue.dev")
+    settings.posting.level = logging.WARNING  # our own events are posted explicitly
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 30
+    settings.execution.max_workers = 32
+
+
+@kopf.on.cleanup()
+def close_connections(**_: Any) -> None:
+    CONTEXT.pool.close()
+
+
+def _post(body: kopf.Body, result: PollResult, logger: kopf.Logger) -> None:
+    for event in result.events:
+        if event.type == "Warning":
+            kopf.warn(body, reason=event.reason, message=event.message)
+            logger.warning("%s: %s", event.reason, event.message)
+        else:
+            kopf.info(body, reason=event.reason, message=event.message)
+            logger.info("%s: %s", event.reason, event.message)
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)
+async def scale_loop(name: str, namespace: str, body: kopf.Body, stopped: kopf.DaemonStopped,
+                     logger: kopf.Logger, **_: Any) -> None:
+    """Poll the queue and scale the target until the EmailQueue goes away."""
+    state = PolicyState.from_status((body.get("status") or {}).get("policy"))
+    loop = asyncio.get_running_loop()
+    next_at = loop.time()
+    try:
+        while not stopped:
+            CONTEXT.metrics.poll_lag.observe(max(0.0, loop.time() - next_at))
+            snapshot = {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}
+            try:
+                result = await asyncio.to_thread(poll, snapshot, state, CONTEXT)
+            except Exception as exc:  # an unexpected failure: report it, keep the loop alive
+                logger.exception("poll failed unexpectedly")
+                kopf.exception(body, reason="PollFailed", message=f"{type(exc).__name__}: {exc}")
+                await stopped.wait(30)
+                next_at = loop.time()
+                continue
+            state = result.state
+            try:
+                await asyncio.to_thread(kube.patch_status, namespace, name, result.status)
+            except Exception as exc:  # status is informative; the next poll writes it again
+                logger.warning("status patch failed: %s", exc)
+            _post(body, result, logger)
+            next_at += result.poll_seconds
+            delay = next_at - loop.time()
+            if delay < 0:  # we fell behind: do not try to catch up with a burst
+                next_at = loop.time()
+                delay = 0
+            await stopped.wait(delay)
+    finally:
+        CONTEXT.metrics.forget(namespace, name)
+
+
+@kopf.on.probe(id="pollers")
+def pollers(**_: Any) -> dict[str, Any]:
+    return {"brokerConnections": CONTEXT.pool.open_connections(), "time": time.time()}
