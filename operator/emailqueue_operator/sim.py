@@ -200,7 +200,7 @@ def scenario_from_mapping(data: Mapping[str, Any]) -> Scenario:
         problems.append("name: required")
     duration = number("duration_seconds", strict=True)
     per_replica = number("rate_per_replica", strict=True)
-    startup = number("startup_seconds", 0.0)
+    startup = number("startup_seconds")
     min_replicas = number("min", 1)
     max_replicas = number("max")
     poll = None if data.get("poll_seconds") is None else number("poll_seconds", strict=True)
