@@ -1,0 +1,182 @@
+"""Reference policies behave as their documentation says (KEDA + HPA legacy, bounds, ours)."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from emailqueue_operator import baselines, sim
+from emailqueue_operator.baselines import (
+    Clairvoyant,
+    IdealReactive,
+    KedaExpectedConsumptionTime,
+    KedaQueueLength,
+    OurPolicy,
+    StaticFleet,
+)
+from emailqueue_operator.sim import SimView, load_scenario, simulate
+
+
+def view(**fields: Any) -> SimView:
+    base: dict[str, Any] = dict(t=0.0, ready=0.0, unacked=0.0, consumers=3, publish_rate=0.0, ack_rate=0.0,
+                                oldest_age_seconds=0.0, current_replicas=3, ready_replicas=3,
+                                true_arrival_rate=0.0, true_backlog=0.0)
+    base.update(fields)
+    return SimView(**base)
+
+
+def keda(**kw: Any) -> KedaQueueLength:
+    args: dict[str, Any] = dict(min_replicas=3, max_replicas=60)
+    args.update(kw)
+    return KedaQueueLength(**args)
+
+
+# --------------------------------------------------------------------------- KEDA QueueLength + HPA
+def test_keda_default_value_is_20_per_pod() -> None:
+    assert keda().value == 20
+    assert keda().step(0, view(ready=200, current_replicas=3)) == 6  # ceil(200/20)=10, capped by max(2*3, 4)
+
+
+def test_keda_scale_up_is_limited_to_max_of_double_and_four_per_sync() -> None:
+    incident = load_scenario("incident-2023-09-20")
+    series = simulate(incident, baselines.keda_queue_length(incident)).series
+    changes = [(t, before, after) for t, before, after in
+               zip(series.t[1:], series.replicas, series.replicas[1:]) if after != before]
+    ups = [c for c in changes if c[2] > c[1]]
+    assert ups, "the surge must trigger scale-up"
+    for t, before, after in ups:
+        assert t % 15 == 0  # only at HPA syncs
+        assert after <= max(2 * before, 4)
+    assert [after for _, _, after in ups[:5]] == [6, 12, 24, 48, 60]
+
+
+def test_keda_samples_the_queue_every_30s_and_the_hpa_reads_the_cached_value() -> None:
+    policy = keda()
+    assert policy.step(0, view(ready=0)) == 3
+    # A backlog appearing between KEDA polls is invisible to the HPA sync at t=15 ...
+    assert policy.step(15, view(t=15, ready=1000)) == 3
+    # ... and seen at the next KEDA poll.
+    assert policy.step(30, view(t=30, ready=1000)) == 6
+
+
+def test_keda_waits_300s_of_lower_recommendations_before_scaling_down() -> None:
+    policy = keda()
+    assert policy.step(0, view(ready=400, current_replicas=10)) == 20
+    # The HPA at t=15 still reads KEDA's cached sample from t=0 (400): the last high
+    # recommendation is at t=15, so the fleet holds until 300 s after it.
+    for t in range(15, 315, 15):
+        assert policy.step(t, view(t=t, ready=0, current_replicas=20)) == 20, t
+    assert policy.step(315, view(t=315, ready=0, current_replicas=20)) == 3
+
+
+def test_keda_tolerance_keeps_the_fleet_within_10_percent() -> None:
+    assert keda().step(0, view(ready=210, current_replicas=10)) == 10  # 10.5 wanted: within tolerance
+    assert keda().step(0, view(ready=240, current_replicas=10)) == 12
+
+
+def test_keda_queue_length_over_amqp_ignores_unacked_messages() -> None:
+    assert keda().step(0, view(ready=0, unacked=5000, current_replicas=3)) == 3
+    assert keda(count_unacked=True).step(0, view(ready=0, unacked=100, current_replicas=3)) == 5
+
+
+def test_keda_scale_to_zero_needs_activation_and_a_cooldown() -> None:
+    policy = keda(min_replicas=0, activation_value=5)
+    assert policy.step(0, view(ready=5, current_replicas=0)) == 0  # not above activationValue
+    assert policy.step(30, view(t=30, ready=6, current_replicas=0)) == 1
+    # Active at t=30; empty afterwards: down to 0 only 300 s after the last activity.
+    assert policy.step(60, view(t=60, ready=0, current_replicas=1)) == 1
+    assert policy.step(315, view(t=315, ready=0, current_replicas=1)) == 1
+    assert policy.step(330, view(t=330, ready=0, current_replicas=1)) == 0
+
+
+# --------------------------------------------------------------------------- KEDA ExpectedQueueConsumptionTime
+def ect(**kw: Any) -> KedaExpectedConsumptionTime:
+    args: dict[str, Any] = dict(min_replicas=1, max_replicas=60, value=60.0)
+    args.update(kw)
+    return KedaExpectedConsumptionTime(**args)
+
+
+def test_expected_consumption_time_metric_is_keda_formula() -> None:
+    policy = ect()
+    assert policy.sample(view(ready=0, unacked=0)) == 0
+    assert policy.sample(view(ready=10, ack_rate=0, publish_rate=5)) == policy.activation_value
+    # (publish - deliver)/deliver + messages/deliver = (30-10)/10 + 1200/10
+    assert policy.sample(view(ready=1100, unacked=100, publish_rate=30, ack_rate=10)) == pytest.approx(122)
+
+
+def test_expected_consumption_time_scales_ready_pods_by_eta_over_target() -> None:
+    # eta 120 s against a 60 s target with 4 ready pods: ceil(4 * 2) = 8 (≤ max(2*5, 4)).
+    v = view(ready=1200, publish_rate=10, ack_rate=10, current_replicas=5, ready_replicas=4)
+    assert ect().step(0, v) == 8
+
+
+# --------------------------------------------------------------------------- static and bounds
+def test_static_fleet_never_moves() -> None:
+    s = load_scenario("incident-2023-09-20")
+    series = simulate(s, StaticFleet(baselines.static_replicas(s))).series
+    assert set(series.replicas) == {3}
+
+
+def test_ideal_reactive_uses_true_rate_and_backlog() -> None:
+    s = load_scenario("incident-2023-09-20")  # μ 10, drain 60 s
+    policy = IdealReactive(s)
+    assert policy.step(0, view(true_arrival_rate=400, true_backlog=0)) == 40
+    assert policy.step(0, view(true_arrival_rate=400, true_backlog=6000)) == 50
+    assert policy.step(0, view(true_arrival_rate=0, true_backlog=0)) == 3  # min
+    assert policy.step(0, view(true_arrival_rate=5000, true_backlog=0)) == 60  # max
+
+
+def test_bounds_do_not_buy_pods_the_provider_cap_cannot_use() -> None:
+    s = load_scenario("provider-cap")  # 250/s cap, 10/s per pod
+    assert IdealReactive(s).step(0, view(true_arrival_rate=400, true_backlog=10_000)) == 25
+
+
+def test_clairvoyant_has_pods_ready_when_an_announced_surge_lands() -> None:
+    s = load_scenario("announced-campaign")  # 300/s from t=1200
+    result = simulate(s, Clairvoyant(s))
+    assert result.series.ready[1200] >= 30
+    assert result.series.replicas[1200 - int(s.startup_seconds) - 1] < 30  # not earlier than needed
+    assert result.metrics.p99_seconds == 0
+
+
+def test_tuned_keda_value_comes_from_the_grid() -> None:
+    s = load_scenario("double-spike")
+    value, results = baselines.tune_keda_queue_length(s, values=(5.0, 20.0))
+    assert value in (5.0, 20.0) and set(results) == {5.0, 20.0}
+
+
+# --------------------------------------------------------------------------- ours
+@pytest.mark.parametrize("name", sim.scenario_names())
+def test_scenario_spec_is_a_valid_emailqueue_spec(name: str) -> None:
+    from emailqueue_operator.spec import parse_spec
+
+    s = load_scenario(name)
+    for crd_defaults in (False, True):
+        parsed = parse_spec(baselines.scenario_spec(s, crd_defaults=crd_defaults))
+        assert (parsed.replicas.min, parsed.replicas.max) == (s.min_replicas, s.max_replicas)
+        assert parsed.target.drain_seconds == s.drain_seconds
+
+
+def test_announced_schedule_becomes_rfc3339_window_in_the_spec() -> None:
+    s = load_scenario("announced-campaign")
+    (entry,) = baselines.scenario_spec(s)["schedule"]
+    assert entry["start"].endswith("Z") and "startAfterSeconds" not in entry
+    from emailqueue_operator.spec import parse_spec
+
+    (parsed,) = parse_spec(baselines.scenario_spec(s)).schedule
+    assert parsed.start == s.start_epoch + 1200 and parsed.end == s.start_epoch + 3000
+
+
+def test_ours_is_ready_for_an_announced_campaign() -> None:
+    s = load_scenario("announced-campaign")
+    policy = OurPolicy(baselines.scenario_spec(s), start_epoch=s.start_epoch)
+    result = simulate(s, policy)
+    assert result.metrics.p99_seconds <= policy.poll_seconds
+    assert len(policy.decisions) == int(s.duration_seconds / policy.poll_seconds)
+    assert any("schedule" in d.terms for d in policy.decisions)
+
+
+def test_ours_stops_buying_pods_the_provider_cap_cannot_use() -> None:
+    s = load_scenario("provider-cap")
+    m = simulate(s, OurPolicy(baselines.scenario_spec(s), start_epoch=s.start_epoch)).metrics
+    assert m.peak_replicas <= 25
