@@ -206,3 +206,14 @@ def test_accepted_jobs_render_without_extra_headers(subject: str, header: str) -
     assert sorted(k.lower() for k in msg.keys()) == sorted(
         ["message-id", "date", "from", "to", "subject", "x-note", "mime-version", "content-type",
          "content-transfer-encoding"])
+
+
+def test_long_and_quoted_headers_round_trip() -> None:
+    recipients = [f"user{i}@example.com" for i in range(60)]
+    subject = "word " * 60
+    job = parse_message(body(to=recipients, subject=subject.strip(), **{"from": '"Smith, Bob" <bob@example.org>'}),
+                        Props())
+    msg = render(job)
+    assert [a.addr_spec for a in msg["To"].addresses] == recipients
+    assert msg["Subject"] == subject.strip()
+    assert msg["From"].addresses[0].display_name == "Smith, Bob"

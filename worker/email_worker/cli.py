@@ -103,6 +103,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     run.add_argument("--max-body-bytes", type=int,
                      default=int(_env(env, "MAX_BODY_BYTES", str(DEFAULT_MAX_BODY_BYTES)) or DEFAULT_MAX_BODY_BYTES))
     run.add_argument("--concurrency", type=int, default=int(_env(env, "CONCURRENCY", "4") or 4))
+    run.add_argument("--prefetch", type=int, default=int(_env(env, "PREFETCH", "0") or 0),
+                     help="unacked deliveries to hold; 0 = concurrency (env PREFETCH)")
     run.add_argument("--rate-limit", type=float, default=float(_env(env, "RATE_LIMIT", "0") or 0),
                      help="emails/s for this worker, 0 = unlimited (env RATE_LIMIT)")
     run.add_argument("--rate-burst", type=float, default=float(_env(env, "RATE_BURST", "1") or 1))
@@ -139,7 +141,7 @@ def worker_config(args: argparse.Namespace, env: Mapping[str, str]) -> Any:
     try:
         return WorkerConfig(
             amqp_url=_amqp_url(args, env), smtp=smtp, topology=_topology(args), concurrency=args.concurrency,
-            rate_limit=args.rate_limit, rate_burst=args.rate_burst, metrics_host=args.metrics_host,
+            prefetch=args.prefetch or None, rate_limit=args.rate_limit, rate_burst=args.rate_burst, metrics_host=args.metrics_host,
             metrics_port=None if args.metrics_port < 0 else args.metrics_port, grace_seconds=args.grace_seconds,
             heartbeat_seconds=args.heartbeat_seconds, declare_topology=not args.no_declare,
             parse=ParseOptions(max_body_bytes=args.max_body_bytes, default_from=args.default_from))

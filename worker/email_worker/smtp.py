@@ -86,12 +86,15 @@ class SmtpSender:
         try:
             refused = smtp.send_message(message, from_addr=job.envelope_sender,  # type: ignore[arg-type]
                                         to_addrs=list(job.envelope_recipients))
-        except (smtplib.SMTPServerDisconnected, OSError):
+        except smtplib.SMTPServerDisconnected:
             self.close()
             raise
-        except smtplib.SMTPException:
-            # smtplib already sent RSET for response errors; make sure the session is clean.
+        except smtplib.SMTPException:  # before OSError: SMTPException subclasses it
+            # A reply error: smtplib already sent RSET; make sure the session is clean and keep it.
             self._reset_or_close()
+            raise
+        except OSError:
+            self.close()
             raise
         if refused:
             # Some recipients got it; re-sending would duplicate for them. Log, do not retry.

@@ -65,7 +65,10 @@ class WorkerConfig:
     smtp: SmtpConfig = SmtpConfig()
     topology: Topology = Topology()
     concurrency: int = 4
-    """Sender threads, SMTP connections and AMQP prefetch (so new replicas get work at once)."""
+    """Sender threads and SMTP connections."""
+    prefetch: int | None = None
+    """Unacked deliveries held; None = concurrency, so a new replica gets work at once instead
+    of finding it parked on busy ones."""
     rate_limit: float = 0.0
     """Emails per second for this worker; 0 = unlimited."""
     rate_burst: float = 1.0
@@ -84,6 +87,8 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if self.prefetch is not None and self.prefetch < 1:
+            raise ValueError("prefetch must be >= 1")
         if self.grace_seconds < 0:
             raise ValueError("grace_seconds must be >= 0")
         if self.rate_limit < 0:
@@ -241,12 +246,13 @@ class Worker:
         channel.confirm_delivery()
         if cfg.declare_topology:
             declare(channel, cfg.topology)
-        channel.basic_qos(prefetch_count=cfg.concurrency)
+        prefetch = cfg.prefetch or cfg.concurrency
+        channel.basic_qos(prefetch_count=prefetch)
         self._channel = channel
         consumer_tag = channel.basic_consume(cfg.topology.work_queue, self._on_message)
         self.health.ready = True
         self.metrics.broker_connected.set(1)
-        log.info("consuming", extra={"fields": {"queue": cfg.topology.work_queue, "prefetch": cfg.concurrency}})
+        log.info("consuming", extra={"fields": {"queue": cfg.topology.work_queue, "prefetch": prefetch}})
         while not self._stop.is_set():
             connection.process_data_events(time_limit=0.5)
             self.health.tick()

@@ -1,0 +1,118 @@
+"""SMTP sending: connections are reused, broken ones replaced, failures surface as exceptions.
+
+Uses a throwaway in-process aiosmtpd server on a free port (local loopback only).
+"""
+from __future__ import annotations
+
+import smtplib
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from email_worker.message import parse_message
+from email_worker.routing import classify_failure
+from email_worker.smtp import SmtpConfig, SmtpSender
+
+
+@dataclass
+class Handler:
+    replies: list[str] = field(default_factory=list)   # queued non-250 answers for DATA
+    received: list[Any] = field(default_factory=list)
+    sessions: set[int] = field(default_factory=set)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.sessions.add(id(session))
+        if self.replies:
+            return self.replies.pop(0)
+        self.received.append(envelope)
+        return "250 OK"
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[Controller, Handler]]:
+    handler = Handler()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield controller, handler
+    controller.stop()
+
+
+def job(n: int) -> Any:
+    raw = f'{{"id": "j{n}", "to": "u{n}@example.com", "bcc": "b@example.com", "from": "a@example.com", ' \
+          f'"subject": "s", "text": "t"}}'
+    return parse_message(raw.encode(), None)
+
+
+def sender_for(controller: Controller, connects: list[int]) -> SmtpSender:
+    return SmtpSender(SmtpConfig(host="127.0.0.1", port=controller.port, timeout=5, message_id_domain="d.example"),
+                      on_connect=lambda: connects.append(1))
+
+
+def test_one_connection_carries_many_messages(server: tuple[Controller, Handler]) -> None:
+    controller, handler = server
+    connects: list[int] = []
+    sender = sender_for(controller, connects)
+    for n in range(5):
+        sender.send(job(n))
+    sender.close()
+    assert len(handler.received) == 5 and len(handler.sessions) == 1 and len(connects) == 1
+    assert handler.received[0].rcpt_tos == ["u0@example.com", "b@example.com"]
+    assert b"Message-ID: <j0@d.example>" in handler.received[0].original_content
+
+
+def test_a_connection_the_server_dropped_is_replaced_transparently(server: tuple[Controller, Handler]) -> None:
+    controller, handler = server
+    connects: list[int] = []
+    sender = sender_for(controller, connects)
+    sender.send(job(1))
+    sender._smtp.sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]  # like a server idle timeout
+    sender.send(job(2))
+    assert [e.rcpt_tos[0] for e in handler.received] == ["u1@example.com", "u2@example.com"]
+    assert len(connects) == 2
+
+
+def test_4xx_and_5xx_replies_raise_and_the_connection_stays_usable(server: tuple[Controller, Handler]) -> None:
+    controller, handler = server
+    handler.replies = ["451 4.3.0 try later", "550 5.1.1 no such user"]
+    connects: list[int] = []
+    sender = sender_for(controller, connects)
+    with pytest.raises(smtplib.SMTPDataError) as first:
+        sender.send(job(1))
+    with pytest.raises(smtplib.SMTPDataError) as second:
+        sender.send(job(2))
+    sender.send(job(3))
+    assert classify_failure(first.value).failure_class == "temporary"
+    assert classify_failure(second.value).failure_class == "permanent"
+    assert len(handler.received) == 1 and len(connects) == 1
+
+
+def test_unreachable_server_raises_and_backs_off() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    sender = SmtpSender(SmtpConfig(host="127.0.0.1", port=port, timeout=2), backoff_initial=5, backoff_max=60)
+    assert sender.ready_in() == 0
+    with pytest.raises(OSError) as caught:
+        sender.send(job(1))
+    assert classify_failure(caught.value).failure_class == "temporary"
+    assert 4 < sender.ready_in() <= 5  # the sender thread waits this long before the next job
+
+
+def test_starttls_required_but_not_offered_is_an_error_not_a_plaintext_fallback(
+        server: tuple[Controller, Handler]) -> None:
+    controller, handler = server
+    sender = SmtpSender(SmtpConfig(host="127.0.0.1", port=controller.port, tls="starttls", timeout=5))
+    with pytest.raises(smtplib.SMTPNotSupportedError):
+        sender.send(job(1))
+    assert handler.received == []
+
+
+def test_config_repr_hides_the_password() -> None:
+    assert "hunter2" not in repr(SmtpConfig(username="u", password="hunter2"))
