@@ -126,8 +126,8 @@ class TlsSpec:
 class BrokerSpec:
     """Which queue(s) to watch and how to reach the broker.
 
-    Exactly one of ``queue`` / ``queue_regex``. ``amqp_secret_ref`` None means the
-    operator's own default broker connection.
+    Exactly one of ``queue`` / ``queue_regex``. ``amqp_secret_ref`` is required on real
+    objects; it is None only in policy-only specs (simulator, tests).
     """
 
     queue: str | None = None
@@ -461,6 +461,8 @@ def _parse_broker(r: _Reader, spec: Mapping[str, Any], policy_only: bool) -> Bro
 
     amqp: AmqpSecretRef | None = None
     am = r.section(m, "amqpSecretRef", path)
+    if not am and not policy_only:
+        r.problem(f"{path}.amqpSecretRef", "is required")
     if am:
         apath = f"{path}.amqpSecretRef"
         amqp = AmqpSecretRef(

@@ -20,7 +20,8 @@ from emailqueue_operator.spec import (
     spec_from_dict,
 )
 
-MINIMAL: dict[str, Any] = {"scaleTargetRef": {"name": "worker"}, "broker": {"queue": "emails"}}
+AMQP: dict[str, Any] = {"name": "rabbit", "uriKey": "uri"}
+MINIMAL: dict[str, Any] = {"scaleTargetRef": {"name": "worker"}, "broker": {"queue": "emails", "amqpSecretRef": AMQP}}
 
 
 def with_(**sections: Any) -> dict[str, Any]:
@@ -33,7 +34,7 @@ def test_minimal_spec_gets_crd_defaults() -> None:
     assert spec.scale_target.kind == "Deployment"
     assert spec.broker.vhost == "/"
     assert spec.broker.aggregate == "sum"
-    assert spec.broker.amqp_secret_ref is None
+    assert spec.broker.amqp_secret_ref == AmqpSecretRef("rabbit", uri_key="uri")
     assert (spec.replicas.min, spec.replicas.max, spec.replicas.activation_backlog) == (1, 10, 0)
     assert spec.target.backlog_per_replica == 20.0
     assert spec.target.count_unacked is True
@@ -117,9 +118,9 @@ def test_full_spec_parses_into_typed_values() -> None:
         # missing sections a real object always has
         ({}, ["spec.scaleTargetRef.name: is required", "spec.broker: set exactly one of queue or queueRegex"]),
         # both queue forms
-        (with_(broker={"queue": "a", "queueRegex": "a.*"}), ["spec.broker: set exactly one"]),
+        (with_(broker={"queue": "a", "queueRegex": "a.*", "amqpSecretRef": AMQP}), ["spec.broker: set exactly one"]),
         # regex the schema accepts but Python cannot compile
-        (with_(broker={"queueRegex": "emails("}), ["spec.broker.queueRegex: does not compile"]),
+        (with_(broker={"queueRegex": "emails(", "amqpSecretRef": AMQP}), ["spec.broker.queueRegex: does not compile"]),
         # min > max
         (with_(replicas={"min": 5, "max": 2}), ["spec.replicas: min (5) must be <= max (2)"]),
         # bool is not an integer even though Python says so
@@ -147,7 +148,7 @@ def test_full_spec_parses_into_typed_values() -> None:
         ),
         (
             with_(broker={"queue": "q", "tls": {"enabled": True, "caKey": "ca"}}),
-            ["spec.broker.tls.caKey: needs broker.amqpSecretRef"],
+            ["spec.broker.amqpSecretRef: is required", "spec.broker.tls.caKey: needs broker.amqpSecretRef"],
         ),
         # fallback without replicas
         (with_(fallback={"afterFailures": 2}), ["spec.fallback.replicas: is required"]),
@@ -200,7 +201,7 @@ def test_all_problems_are_reported_together() -> None:
         replicas={"min": -1, "max": 0},
         target={"startupSeconds": -5},
         behavior={"tolerance": 2},
-        broker={"queueRegex": "("},
+        broker={"queueRegex": "(", "amqpSecretRef": AMQP},
     )
     with pytest.raises(SpecError) as caught:
         parse_spec(spec)
