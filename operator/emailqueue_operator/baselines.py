@@ -33,7 +33,7 @@ import copy
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from .sim import EPSILON, Policy, Scenario, SimView, simulate
 
@@ -416,5 +416,3 @@ def default_policies(scenario: Scenario, include_ours: bool = True,
                                   name="ours-crd-defaults"))
     return policies
 
-
-PolicyFactory = Callable[[Scenario], Policy]

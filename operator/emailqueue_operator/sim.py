@@ -312,8 +312,8 @@ class Metrics:
     peak_backlog_at: float
     # From the end of the last surge (the last time the arrival rate falls back to the
     # base rate, i.e. the rate at t=0) until the backlog is back to ~0 (<= one second of
-    # base arrivals, at least 1 message); 0 if it was already drained by then; the
-    # remaining duration plus infinity-free cap (= duration - surge end) if never drained.
+    # base arrivals, at least 1 message); 0 if it was already drained by then; if it never
+    # drains, the rest of the run (duration - surge end) and `drained` is False.
     time_to_drain_seconds: float
     drained: bool
     backlogged_seconds: float  # total time the backlog was above ~0
