@@ -117,6 +117,16 @@ def rabbitmq(request: pytest.FixtureRequest) -> RabbitMQ:
     return RabbitMQ(_component(request, rabbit))
 
 
+@pytest.fixture(scope="module")
+def private_rabbitmq() -> Iterator[RabbitMQ]:
+    """A RabbitMQ node of the test module's own, for outage tests that stop and start it
+    (stopping the shared node would break every other test running against it)."""
+    component = f"rabbitmq-private-{os.getpid()}"
+    broker = RabbitMQ(rabbit.up(component=component))
+    yield broker
+    rabbit.down(component)
+
+
 @pytest.fixture
 def vhost(rabbitmq: RabbitMQ) -> Iterator[str]:
     """An isolated vhost per test; yields its AMQP URL (admin user, full permissions)."""

@@ -42,14 +42,16 @@ def close_connections(**_: Any) -> None:
     CONTEXT.pool.close()
 
 
-def _post(body: kopf.Body, result: PollResult, logger: kopf.Logger) -> None:
+log = logging.getLogger("emailqueue_operator")
+
+
+def _post(body: kopf.Body, namespace: str, name: str, result: PollResult) -> None:
+    """Post the poll's Kubernetes Events and log them (not through kopf's object
+    logger, which would post them a second time)."""
     for event in result.events:
-        if event.type == "Warning":
-            kopf.warn(body, reason=event.reason, message=event.message)
-            logger.warning("%s: %s", event.reason, event.message)
-        else:
-            kopf.info(body, reason=event.reason, message=event.message)
-            logger.info("%s: %s", event.reason, event.message)
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        log.log(logging.WARNING if event.type == "Warning" else logging.INFO, "%s/%s %s: %s", namespace, name,
+                event.reason, event.message)
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)
@@ -76,7 +78,7 @@ async def scale_loop(name: str, namespace: str, body: kopf.Body, stopped: kopf.D
                 await asyncio.to_thread(kube.patch_status, namespace, name, result.status)
             except Exception as exc:  # status is informative; the next poll writes it again
                 logger.warning("status patch failed: %s", exc)
-            _post(body, result, logger)
+            _post(body, namespace, name, result)
             next_at += result.poll_seconds
             delay = next_at - loop.time()
             if delay < 0:  # we fell behind: do not try to catch up with a burst

@@ -154,7 +154,7 @@ def poll(body: Mapping[str, Any], state: PolicyState, ctx: Context) -> PollResul
         spec = parse_spec(body.get("spec") or {})
     except SpecError as exc:
         m.probe_errors.labels(namespace, name, "InvalidSpec").inc()
-        return report([conditions.ready(False, "InvalidSpec", str(exc))], {}, [Event("Warning", "InvalidSpec", str(exc))],
+        return report([conditions.ready(False, "InvalidSpec", str(exc))], {}, _warn_once(previous, "InvalidSpec", str(exc)),
                       state, 30.0)
     poll_seconds = float(spec.behavior.poll_seconds)
     m.replicas_min.labels(namespace, name).set(spec.replicas.min)
@@ -169,7 +169,7 @@ def poll(body: Mapping[str, Any], state: PolicyState, ctx: Context) -> PollResul
         target = kube.read_target(namespace, ref.kind, ref.name)
     except kube.TargetError as exc:
         m.probe_errors.labels(namespace, name, exc.reason).inc()
-        return report([conditions.ready(False, exc.reason, str(exc))], {}, [Event("Warning", exc.reason, str(exc))],
+        return report([conditions.ready(False, exc.reason, str(exc))], {}, _warn_once(previous, exc.reason, str(exc)),
                       state, poll_seconds)
     m.replicas_current.labels(namespace, name).set(target.replicas)
     m.replicas_ready.labels(namespace, name).set(target.ready_replicas)
@@ -292,6 +292,14 @@ def poll(body: Mapping[str, Any], state: PolicyState, ctx: Context) -> PollResul
     if scaled:
         extra["lastScaleTime"] = _iso(now)
     return report(conds, extra, events, decision.state, poll_seconds)
+
+
+def _warn_once(previous: Any, reason: str, message: str) -> list[Event]:
+    """A Warning event when Ready turns False for this reason, not on every poll it stays so."""
+    for cond in previous or []:
+        if cond.get("type") == "Ready" and cond.get("reason") == reason and cond.get("message") == message:
+            return []
+    return [Event("Warning", reason, message)]
 
 
 def _was_true(previous: Any, cond_type: str) -> bool:

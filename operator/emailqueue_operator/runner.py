@@ -24,7 +24,7 @@ def run_operator(namespaces: list[str], metrics_port: int, health_port: int, pee
     # The kubernetes client and kopf are chatty at INFO about every request.
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    logging.getLogger("pika").setLevel(logging.CRITICAL)  # probe failures are reported by us, once
 
     from . import handlers  # noqa: F401  (registers the kopf handlers)
 
@@ -33,7 +33,7 @@ def run_operator(namespaces: list[str], metrics_port: int, health_port: int, pee
     liveness = f"http://0.0.0.0:{health_port}/healthz" if health_port else None
     asyncio.run(kopf.operator(
         clusterwide=not namespaces, namespaces=namespaces,
-        standalone=peering is None, peering_name=peering or "default",
+        standalone=peering is None, peering_name=peering,
         liveness_endpoint=liveness,
     ))
     return 0

@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -90,6 +91,22 @@ class Management:
         return self.request("GET", f"/api/queues/{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(name, safe='')}")
 
 
+def await_startup(facts: dict[str, Any], timeout: float, log: Path) -> None:
+    """Wait for the node to boot. `rabbitmqctl await_startup` fails at once while the
+    Erlang node has not yet registered with epmd, so retry it until the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ctl(facts, "await_startup", "--timeout", str(max(1, int(deadline - time.monotonic()))),
+                timeout=timeout + 10)
+            return
+        except state.TestbedError as exc:
+            if time.monotonic() > deadline:
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:]) if log.exists() else ""
+                raise state.TestbedError(f"{exc}\n--- {log} ---\n{tail}") from None
+            time.sleep(1)
+
+
 def management(record: state.Record) -> Management:
     facts = record.facts
     return Management(facts["mgmt_url"], facts["user"], facts["password"])
@@ -107,19 +124,23 @@ def healthy(record: state.Record | None) -> bool:
     return management(record).overview_ok() and state.port_open(record.facts["amqp_port"])
 
 
-def up(timeout: float = 120.0) -> state.Record:
-    """Start the node unless a healthy one is already running; returns its record."""
-    record = state.load(COMPONENT)
+def up(timeout: float = 120.0, component: str = COMPONENT) -> state.Record:
+    """Start the node unless a healthy one is already running; returns its record.
+
+    `component` names a separate node (own ports and data), e.g. for an outage test that
+    must not stop the broker other tests share.
+    """
+    record = state.load(component)
     if healthy(record):
         return record
     if not SERVER.exists():
         raise state.TestbedError("rabbitmq-server is not installed: run testbed/install-deps.sh")
-    down()
-    base = state.STATE_DIR / "rabbitmq"
+    down(component)
+    base = state.STATE_DIR / component
     shutil.rmtree(base, ignore_errors=True)
     (base / "home").mkdir(parents=True)
     facts: dict[str, Any] = {
-        "base": str(base), "node": f"eqtestbed-{os.getpid()}@localhost",
+        "base": str(base), "node": f"eqtb-{component}-{os.getpid()}@localhost",
         "amqp_port": state.free_port(), "mgmt_port": state.free_port(), "prom_port": state.free_port(),
         "dist_port": state.free_port(), "epmd_port": state.free_port(),
         # A password with characters that need escaping: the product must cope with them.
@@ -149,14 +170,14 @@ def up(timeout: float = 120.0) -> state.Record:
     env = node_env(facts)
     logs = state.STATE_DIR / "logs"
     epmd = shutil.which("epmd", path="/usr/lib/erlang/bin:/usr/bin:" + os.environ.get("PATH", "")) or "epmd"
-    epmd_pid = state.spawn([epmd, "-port", str(facts["epmd_port"])], logs / "epmd.log", env=env)
-    state.save(state.Record(COMPONENT, (epmd_pid,), facts))
-    state.wait_until(lambda: state.port_open(facts["epmd_port"]), 15, "epmd", log=logs / "epmd.log")
-    server_pid = state.spawn([SERVER], logs / "rabbitmq.log", env=env, cwd=base)
-    record = state.Record(COMPONENT, (epmd_pid, server_pid), facts)
+    epmd_pid = state.spawn([epmd, "-port", str(facts["epmd_port"])], logs / f"{component}-epmd.log", env=env)
+    state.save(state.Record(component, (epmd_pid,), facts))
+    state.wait_until(lambda: state.port_open(facts["epmd_port"]), 15, "epmd", log=logs / f"{component}-epmd.log")
+    server_pid = state.spawn([SERVER], logs / f"{component}.log", env=env, cwd=base)
+    record = state.Record(component, (epmd_pid, server_pid), facts)
     state.save(record)
-    ctl(facts, "await_startup", "--timeout", str(int(timeout)), timeout=timeout + 10)
-    state.wait_until(lambda: healthy(record), 60, "RabbitMQ management API", log=logs / "rabbitmq.log")
+    await_startup(facts, timeout, logs / f"{component}.log")
+    state.wait_until(lambda: healthy(record), 60, "RabbitMQ management API", log=logs / f"{component}.log")
     return record
 
 
@@ -167,16 +188,17 @@ def stop_node(record: state.Record) -> None:
 
 def start_node(record: state.Record, timeout: float = 120.0) -> state.Record:
     facts = dict(record.facts)
-    pid = state.spawn([SERVER], state.STATE_DIR / "logs" / "rabbitmq.log", env=node_env(facts), cwd=facts["base"])
-    new = state.Record(COMPONENT, (record.pids[0], pid), facts)
+    pid = state.spawn([SERVER], state.STATE_DIR / "logs" / f"{record.component}.log", env=node_env(facts),
+                      cwd=facts["base"])
+    new = state.Record(record.component, (record.pids[0], pid), facts)
     state.save(new)
-    ctl(facts, "await_startup", "--timeout", str(int(timeout)), timeout=timeout + 10)
+    await_startup(facts, timeout, state.STATE_DIR / "logs" / f"{record.component}.log")
     state.wait_until(lambda: healthy(new), 60, "RabbitMQ management API")
     return new
 
 
-def down() -> bool:
-    record = state.load(COMPONENT)
+def down(component: str = COMPONENT) -> bool:
+    record = state.load(component)
     if record is None:
         return False
     try:
@@ -184,4 +206,4 @@ def down() -> bool:
             ctl(record.facts, "stop", timeout=30)
     except (state.TestbedError, subprocess.TimeoutExpired):
         pass
-    return state.stop(COMPONENT)
+    return state.stop(component)
