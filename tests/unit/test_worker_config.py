@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,18 @@ from email_worker.logs import JsonFormatter, redact_text, redact_url
 from email_worker.metrics import Health, WorkerMetrics, serve_http
 from email_worker.topology import Topology
 from email_worker.routing import RetryPolicy, RetryTier
+
+
+@pytest.fixture(autouse=True)
+def keep_root_logging() -> Iterator[None]:
+    """main() installs the JSON handler on the root logger; give other tests theirs back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    pika_level = logging.getLogger("pika").level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.getLogger("pika").setLevel(pika_level)
 
 
 def config_from(argv: list[str], env: dict[str, str]):  # type: ignore[no-untyped-def]
