@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -336,3 +337,67 @@ def test_broker_down_at_start_is_reported_and_retried_not_a_crash(
     assert "s3cr" not in text and "user:***@" in text
     code, seconds = worker.stop()
     assert code == 0 and seconds < 5
+
+
+def test_a_dropped_broker_connection_is_re_established_and_nothing_is_lost(
+        rabbitmq: Any, vhost: str, sink: SmtpControl, start_worker: Callable[..., WorkerProcess]) -> None:
+    total = 300
+    sink.set_delay(0.02)
+    with Publisher(vhost, declare_topology=topology()):
+        pass
+    worker = start_worker(vhost, sink, concurrency=4)
+    worker.wait_ready()
+    mgmt = rabbitmq.management()
+    vhost_name = urllib.parse.unquote(urllib.parse.urlsplit(vhost).path[1:])
+    path = f"/api/vhosts/{urllib.parse.quote(vhost_name, safe='')}/connections"
+    # The management API lists connections a few seconds late: find it before the load starts.
+    wait_until(lambda: bool(mgmt.request("GET", path)), 30, "the worker's connection in the management API")
+    connections = mgmt.request("GET", path)
+
+    with Publisher(vhost) as publisher:
+        ids = publisher.publish_many(job(n) for n in range(total))
+    wait_until(lambda: sink.count() >= 40, 60, "first deliveries")
+    # Like a broker restart or a network cut, but only for this worker's connection.
+    for connection in connections:
+        mgmt.request("DELETE", f"/api/connections/{urllib.parse.quote(connection['name'], safe='')}")
+    assert sink.count() < total, "load finished before the connection was dropped; the test proves nothing"
+
+    counts = wait_delivered(sink, set(ids), timeout=120)
+    report_duplicates("connection dropped", counts)
+    assert worker.proc.poll() is None
+    assert any(line.get("msg") == "broker connection lost; reconnecting" for line in worker.log_lines())
+    wait_until(lambda: worker.probe("/readyz") == 200, 30, "ready again")
+    assert worker.stop()[0] == 0
+
+
+def test_an_smtp_outage_delays_mail_but_loses_none(vhost: str, start_worker: Callable[..., WorkerProcess],
+                                                   tmp_path: Path) -> None:
+    port, control_port = state.free_port(), state.free_port()
+    later = SmtpControl("127.0.0.1", port, control_port)  # nothing listens there yet
+    with Publisher(vhost, declare_topology=topology(max_retries=30)) as publisher:
+        ids = publisher.publish_many(job(n) for n in range(20))
+    worker = start_worker(vhost, later, "--max-retries", "30")
+    worker.wait_ready()
+    wait_until(lambda: worker.metric('emailworker_emails_failed_total{class="temporary"}') >= 3, 30,
+               "failed attempts while SMTP is down")
+
+    proc = subprocess.Popen([sys.executable, "-m", "emailqueue_testbed.smtp", "--port", str(port),
+                             "--control-port", str(control_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _answers(later), 20, "SMTP server start")
+        counts = wait_delivered(later, set(ids), timeout=120)
+        report_duplicates("smtp outage", counts)
+        assert set(counts) == set(ids)
+        assert queue_depth(vhost, "emails.dead") == 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _answers(control: SmtpControl) -> bool:
+    try:
+        control.count()
+        return True
+    except OSError:
+        return False
