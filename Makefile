@@ -50,3 +50,18 @@ test: venv deps testbed-bins ## run every test (unit, integration, e2e); starts 
 .PHONY: test-unit
 test-unit: venv ## fast tests without the test bed
 	$(PYTEST) tests/unit -q
+
+##@ Simulate and plan
+.PHONY: simulate
+simulate: venv ## replay every shipped surge scenario against every policy (table + out/sim/*.png)
+	@mkdir -p out/sim
+	$(PY) -m emailqueue_operator simulate --all --plot out/sim/all.png
+
+.PHONY: plan
+plan: venv ## capacity plan for the 2023-09-20 incident (20/s base, 400/s peak, 10/s per replica, 30 s start-up)
+	$(PY) -m emailqueue_operator plan --peak-rate 400 --base-rate 20 --rate-per-replica 10 --startup-seconds 30 --drain-seconds 60
+
+##@ Benchmarks
+.PHONY: bench
+bench: venv deps testbed-bins ## run every benchmark; writes out/bench/ and docs/benchmarks.md
+	$(PY) bench/run.py
