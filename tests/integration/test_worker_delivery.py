@@ -295,7 +295,7 @@ def test_permanent_failures_and_exhausted_retries_are_dead_lettered(
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_stopping_or_killing_the_worker_mid_load_loses_nothing(
         sig: int, vhost: str, sink: SmtpControl, start_worker: Callable[..., WorkerProcess]) -> None:
-    total = 300
+    total = 400
     sink.set_delay(0.02)  # keep sends in flight when the signal lands
     with Publisher(vhost, declare_topology=topology()) as publisher:
         ids = publisher.publish_many(job(n) for n in range(total))

@@ -4,14 +4,18 @@ Uses a throwaway in-process aiosmtpd server on a free port (local loopback only)
 """
 from __future__ import annotations
 
+import shutil
 import smtplib
 import socket
+import ssl
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from email_worker.message import parse_message
 from email_worker.routing import classify_failure
@@ -116,3 +120,69 @@ def test_starttls_required_but_not_offered_is_an_error_not_a_plaintext_fallback(
 
 def test_config_repr_hides_the_password() -> None:
     assert "hunter2" not in repr(SmtpConfig(username="u", password="hunter2"))
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not available to make a test certificate")
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = str(directory / "cert.pem"), str(directory / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def _authenticator(users: dict[str, str]) -> Any:
+    def authenticate(server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
+        ok = isinstance(auth_data, LoginPassword) and users.get(auth_data.login.decode()) == auth_data.password.decode()
+        return AuthResult(success=ok, handled=False)
+    return authenticate
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_starttls_with_auth_delivers_and_verifies_the_certificate(certificate: tuple[str, str]) -> None:
+    cert, key = certificate
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    handler = Handler()
+    controller = Controller(handler, hostname="127.0.0.1", port=_free_port(), tls_context=context,
+                            require_starttls=True, auth_required=True,
+                            authenticator=_authenticator({"mailer": "p@ss:w/rd"}))
+    controller.start()
+    try:
+        good = SmtpConfig(host="127.0.0.1", port=controller.port, tls="starttls", ca_file=cert, timeout=5,
+                          username="mailer", password="p@ss:w/rd")
+        SmtpSender(good).send(job(1))
+        assert len(handler.received) == 1
+
+        with pytest.raises(smtplib.SMTPAuthenticationError) as wrong_password:
+            SmtpSender(SmtpConfig(**{**good.__dict__, "password": "nope"})).send(job(2))
+        # Our credentials being wrong must not dead-letter customer mail.
+        assert classify_failure(wrong_password.value).failure_class == "temporary"
+
+        with pytest.raises(ssl.SSLError):  # unknown CA: verification is on by default
+            SmtpSender(SmtpConfig(**{**good.__dict__, "ca_file": None})).send(job(3))
+        assert len(handler.received) == 1
+    finally:
+        controller.stop()
+
+
+def test_implicit_tls(certificate: tuple[str, str]) -> None:
+    cert, key = certificate
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    handler = Handler()
+    controller = Controller(handler, hostname="127.0.0.1", port=_free_port(), ssl_context=context)
+    controller.start()
+    try:
+        SmtpSender(SmtpConfig(host="127.0.0.1", port=controller.port, tls="tls", ca_file=cert, timeout=5)).send(job(1))
+        assert len(handler.received) == 1
+    finally:
+        controller.stop()

@@ -163,7 +163,13 @@ class Worker:
         """Consume until stop(); returns the process exit code."""
         cfg = self.config
         if cfg.metrics_port is not None:
-            self._http = serve_http(self.metrics, self.health, cfg.metrics_host, cfg.metrics_port)
+            try:
+                self._http = serve_http(self.metrics, self.health, cfg.metrics_host, cfg.metrics_port)
+            except OSError as exc:
+                log.error("cannot serve metrics (use METRICS_PORT=0 for any free port, -1 to disable)",
+                          extra={"fields": {"address": f"{cfg.metrics_host}:{cfg.metrics_port}",
+                                            "error": exc.strerror or str(exc)}})
+                return 2
             self.metrics_port = self._http.server_port
         log.info("worker starting", extra={"fields": {
             "broker": redact_url(cfg.amqp_url), "queue": cfg.topology.work_queue,
@@ -178,6 +184,8 @@ class Worker:
         failures = 0
         try:
             while not self._stop.is_set():
+                # Liveness is about this process, not the broker: reconnecting is alive.
+                self.health.tick()
                 connection = self._connect(failures)
                 if connection is None:
                     failures += 1
@@ -199,8 +207,10 @@ class Worker:
             self.metrics.broker_connected.set(0)
             for _ in self._senders:
                 self._jobs.put(None)
+            # Senders stuck in a slow SMTP command are daemons: wait briefly, not per thread.
+            join_deadline = time.monotonic() + 5
             for thread in self._senders:
-                thread.join(timeout=5)
+                thread.join(timeout=max(0.0, join_deadline - time.monotonic()))
             if self._http is not None:
                 self._http.shutdown()
         log.info("worker stopped", extra={"fields": {
@@ -222,7 +232,9 @@ class Worker:
         params.blocked_connection_timeout = cfg.blocked_connection_timeout
         params.connection_attempts = 1
         params.socket_timeout = 10
-        params.client_properties = {"connection_name": f"email-worker {socket.gethostname()} pid {os.getpid()}"}
+        # Named so `rabbitmqctl list_connections` / the management UI show which pod holds what.
+        pod = os.environ.get("POD_NAME") or socket.gethostname()
+        params.client_properties = {"connection_name": f"email-worker {pod} pid {os.getpid()}"}
         try:
             return pika.BlockingConnection(params)
         except (pika.exceptions.AMQPError, OSError) as exc:
