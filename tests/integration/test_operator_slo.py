@@ -37,7 +37,7 @@ def test_surge_is_met_from_the_arrival_rate(kube_env, namespace, vhost, rabbitmq
     kube_env.kubectl("-n", namespace, "apply", "-f", "-", input=yaml.safe_dump({
         "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "rabbit-mgmt"},
         "stringData": {"url": rabbitmq.mgmt_url}}))
-    backlog_per_replica = 100
+    backlog_per_replica = 1000
     spec = {
         "scaleTargetRef": {"name": "email-worker"},
         "broker": {"queue": "emails", "amqpSecretRef": {"name": "rabbit", "uriKey": "uri"},
@@ -59,9 +59,10 @@ def test_surge_is_met_from_the_arrival_rate(kube_env, namespace, vhost, rabbitmq
         def scaled_status():
             obj = get_json(kube_env, namespace, "emailqueue", "emails")
             status = obj.get("status") or {}
-            return status if status.get("desiredReplicas", 1) > 1 else None
+            # The management API needs a few seconds of samples before it reports a rate.
+            return status if status.get("desiredReplicas", 1) >= 8 else None
 
-        status = wait_for(scaled_status, 30, "the first scale-up")
+        status = wait_for(scaled_status, 40, "a scale-up to the arrival rate")
     finally:
         stop.set()
         publisher.join(10)
