@@ -198,7 +198,8 @@ class LocalKubelet:
                  on_event: Callable[[KubeletEvent], None] | None = None) -> None:
         self.deployment = deployment
         self.config = config
-        self._on_event = on_event
+        self.on_event = on_event
+        """Called with every timeline event (from the kubelet's thread)."""
         self._pods: dict[str, _Pod] = {}
         self._lock = threading.Lock()
         self._events: list[KubeletEvent] = []
@@ -377,8 +378,8 @@ class LocalKubelet:
         with self._lock:
             self._events.append(event)
         log.info("%s %s %s", kind, pod, detail)
-        if self._on_event is not None:
-            self._on_event(event)
+        if self.on_event is not None:
+            self.on_event(event)
 
 
 def _ready(port: int | None) -> bool:
