@@ -401,3 +401,60 @@ def _answers(control: SmtpControl) -> bool:
         return True
     except OSError:
         return False
+
+
+_RCPT_SERVER = r"""
+import json, sys, time, email
+from aiosmtpd.controller import Controller
+port, record = int(sys.argv[1]), sys.argv[2]
+refusals = {}
+class Handler:
+    async def handle_RCPT(self, server, session, envelope, address, options):
+        if address.startswith("busy"):
+            refusals[address] = refusals.get(address, 0) + 1
+            if refusals[address] <= 2:
+                return "450 4.2.1 mailbox busy, try later"
+        if address.startswith("gone"):
+            return "550 5.1.1 mailbox does not exist"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+    async def handle_DATA(self, server, session, envelope):
+        message = email.message_from_bytes(envelope.original_content)
+        with open(record, "a") as out:
+            out.write(json.dumps({"message_id": message["Message-ID"], "rcpt_tos": envelope.rcpt_tos}) + "\n")
+        return "250 OK"
+Controller(Handler(), hostname="127.0.0.1", port=port).start()
+print("ready", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_recipients_refused_one_by_one_are_retried_or_parked_alone(
+        vhost: str, start_worker: Callable[..., WorkerProcess], tmp_path: Path) -> None:
+    port, record = state.free_port(), tmp_path / "deliveries.jsonl"
+    server = subprocess.Popen([sys.executable, "-c", _RCPT_SERVER, str(port), str(record)], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        with Publisher(vhost, declare_topology=topology()) as publisher:
+            publisher.publish(job(1, id="partial-1", to=["ok@example.com", "busy@example.com"],
+                                  cc="gone@example.com"))
+        worker = start_worker(vhost, SmtpControl("127.0.0.1", port, 0))
+        worker.wait_ready()
+
+        def deliveries() -> list[dict[str, Any]]:
+            return [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+
+        wait_until(lambda: any("busy@example.com" in d["rcpt_tos"] for d in deliveries()), 60, "busy delivery")
+        wait_until(lambda: queue_depth(vhost, "emails.dead") == 1, 30, "the refused recipient parked")
+        received = deliveries()
+        # Each recipient got the email exactly once, all with the same Message-ID.
+        assert sorted(r for d in received for r in d["rcpt_tos"]) == ["busy@example.com", "ok@example.com"]
+        assert {d["message_id"] for d in received} == {f"<partial-1@{DOMAIN}>"}
+        [(props, _)] = drain_queue(vhost, "emails.dead")
+        assert props.headers["x-envelope-recipients"] == ["gone@example.com"]
+        assert props.headers["x-death-reason"] == "rejected" and "550" in props.headers["x-death-detail"]
+        assert worker.metric("emailworker_emails_retried_total") == 2
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -217,3 +217,14 @@ def test_long_and_quoted_headers_round_trip() -> None:
     assert [a.addr_spec for a in msg["To"].addresses] == recipients
     assert msg["Subject"] == subject.strip()
     assert msg["From"].addresses[0].display_name == "Smith, Bob"
+
+
+def test_envelope_override_narrows_recipients_but_never_adds_any() -> None:
+    raw = body(to=["a@example.com", "b@example.com"], bcc="c@example.com")
+    job = parse_message(raw, Props(headers={"x-envelope-recipients": ["C@example.com"]}))
+    assert job.envelope_recipients == ("C@example.com",)
+    assert job.all_recipients == ("a@example.com", "b@example.com", "c@example.com")
+    with pytest.raises(InvalidMessage, match="not a recipient"):
+        parse_message(raw, Props(headers={"x-envelope-recipients": ["intruder@example.com"]}))
+    with pytest.raises(InvalidMessage, match="non-empty list"):
+        parse_message(raw, Props(headers={"x-envelope-recipients": []}))

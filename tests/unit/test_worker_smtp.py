@@ -186,3 +186,20 @@ def test_implicit_tls(certificate: tuple[str, str]) -> None:
         assert len(handler.received) == 1
     finally:
         controller.stop()
+
+
+def test_partially_refused_recipients_are_reported_not_raised(server: tuple[Controller, Handler]) -> None:
+    controller, handler = server
+
+    async def handle_RCPT(server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any) -> str:
+        if address.startswith("b@"):
+            return "450 4.2.1 mailbox busy"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    handler.handle_RCPT = handle_RCPT  # type: ignore[attr-defined]
+    raw = '{"id": "p1", "to": ["a@example.com", "b@example.com"], "from": "x@example.com", "text": "t"}'
+    refused = SmtpSender(SmtpConfig(host="127.0.0.1", port=controller.port, timeout=5)).send(
+        parse_message(raw.encode(), None))
+    assert refused == {"b@example.com": (450, "4.2.1 mailbox busy")}
+    assert handler.received[0].rcpt_tos == ["a@example.com"]

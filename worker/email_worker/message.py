@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from email.header import Header
 from email.headerregistry import Address
@@ -43,6 +43,7 @@ RESERVED_HEADERS = frozenset({
     "content-type", "content-transfer-encoding", "sender", "return-path", "received",
 })
 ATTEMPTS_HEADER = "x-attempts"
+ENVELOPE_HEADER = "x-envelope-recipients"
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
 _FIELD_NAME_RE = re.compile(r"^[!-9;-~]+$")  # printable ASCII without colon (RFC 5322 ftext)
@@ -106,11 +107,19 @@ class EmailJob:
     """AMQP `timestamp` property (epoch seconds) when the publisher set one."""
     attempts: int = 0
     """Temporary failures so far (the `x-attempts` header the worker sets on retry)."""
+    only_recipients: tuple[str, ...] = ()
+    """When set (`x-envelope-recipients` header), RCPT TO only these: the rest of the job's
+    recipients already got it (a retry after a partial refusal)."""
+
+    @property
+    def all_recipients(self) -> tuple[str, ...]:
+        """Bare addresses of to, cc and bcc (bcc never appears in headers)."""
+        return tuple(split_address(a)[1] for a in (*self.to, *self.cc, *self.bcc))
 
     @property
     def envelope_recipients(self) -> tuple[str, ...]:
-        """Bare addresses for RCPT TO: to, cc and bcc (bcc never appears in headers)."""
-        return tuple(split_address(a)[1] for a in (*self.to, *self.cc, *self.bcc))
+        """Bare addresses for RCPT TO."""
+        return self.only_recipients or self.all_recipients
 
     @property
     def envelope_sender(self) -> str:
@@ -165,12 +174,14 @@ def parse_message(body: bytes, properties: AmqpProperties | None = None,
     if text_body is None and html_body is None:
         raise InvalidMessage("missing body: text and/or html is required")
 
-    return EmailJob(
+    job = EmailJob(
         id=job_id, to=to, cc=cc, bcc=bcc, reply_to=reply_to, from_=from_, subject=subject,
         text=text_body, html=html_body, headers=_headers(document.get("headers")),
         metadata=_metadata(document.get("metadata")), created_at=_created_at(document.get("created_at")),
         enqueued_at=_timestamp(properties), attempts=_attempts(properties),
     )
+    only = _only_recipients(properties, job.all_recipients)
+    return replace(job, only_recipients=only) if only else job
 
 
 def build_email(job: EmailJob, *, message_id_domain: str, date: datetime) -> Message:
@@ -393,6 +404,24 @@ def _created_at(raw: Any) -> datetime | None:
 def _timestamp(properties: AmqpProperties | None) -> float | None:
     value = getattr(properties, "timestamp", None) if properties is not None else None
     return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def _only_recipients(properties: AmqpProperties | None, recipients: tuple[str, ...]) -> tuple[str, ...]:
+    headers = getattr(properties, "headers", None) if properties is not None else None
+    value = (headers or {}).get(ENVELOPE_HEADER)
+    if value is None:
+        return ()
+    if isinstance(value, (bytes, str)):
+        value = [value]
+    items = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in value] \
+        if isinstance(value, list) else None
+    if not items or not all(isinstance(v, str) for v in items):
+        raise InvalidMessage(f"{ENVELOPE_HEADER} must be a non-empty list of addresses")
+    known = {r.lower() for r in recipients}
+    if any(v.lower() not in known for v in items):
+        # Only ever a subset of the job's own recipients: the header must not add any.
+        raise InvalidMessage(f"{ENVELOPE_HEADER} names an address that is not a recipient of the job")
+    return tuple(items)
 
 
 def _attempts(properties: AmqpProperties | None) -> int:

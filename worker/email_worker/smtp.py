@@ -8,19 +8,18 @@ retried once on a fresh connection (that failure says nothing about the message)
 """
 from __future__ import annotations
 
-import logging
 import smtplib
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from email.message import Message
 from typing import Literal
 
 from email_worker.message import EmailJob, build_email
 
 TlsMode = Literal["none", "starttls", "tls"]
-log = logging.getLogger("email_worker.smtp")
 
 
 @dataclass(frozen=True)
@@ -67,24 +66,28 @@ class SmtpSender:
             return 0.0
         return max(0.0, self._next_connect_at - time.monotonic())
 
-    def send(self, job: EmailJob) -> None:
-        """Deliver the job; raise on anything but a 250 for the whole transaction."""
+    def send(self, job: EmailJob) -> dict[str, tuple[int, str]]:
+        """Deliver the job; raise on anything but a 250 for the transaction.
+
+        Returns the recipients the server refused while accepting the others
+        ({address: (code, reply)}), usually empty; those did not get the email.
+        """
         message = build_email(job, message_id_domain=self.config.message_id_domain,
                               date=datetime.now(timezone.utc))
         reused = self._smtp is not None
         try:
-            self._transaction(job, message)
+            return self._transaction(job, message)
         except smtplib.SMTPServerDisconnected:
             self.close()
             if not reused:
                 raise
             # The server dropped an idle connection; the message was never accepted.
-            self._transaction(job, message)
+            return self._transaction(job, message)
 
-    def _transaction(self, job: EmailJob, message: object) -> None:
+    def _transaction(self, job: EmailJob, message: Message) -> dict[str, tuple[int, str]]:
         smtp = self._connection()
         try:
-            refused = smtp.send_message(message, from_addr=job.envelope_sender,  # type: ignore[arg-type]
+            refused = smtp.send_message(message, from_addr=job.envelope_sender,
                                         to_addrs=list(job.envelope_recipients))
         except smtplib.SMTPServerDisconnected:
             self.close()
@@ -96,11 +99,8 @@ class SmtpSender:
         except OSError:
             self.close()
             raise
-        if refused:
-            # Some recipients got it; re-sending would duplicate for them. Log, do not retry.
-            log.warning("some recipients refused", extra={"fields": {
-                "job_id": job.id, "refused": len(refused),
-                "codes": sorted({code for code, _ in refused.values()})}})
+        return {address: (code, reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply))
+                for address, (code, reply) in refused.items()}
 
     def _connection(self) -> smtplib.SMTP:
         if self._smtp is None:

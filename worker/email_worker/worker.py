@@ -25,7 +25,7 @@ import random
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -35,7 +35,7 @@ import pika.spec
 
 from email_worker.logs import redact_text, redact_url
 from email_worker.message import (
-    ATTEMPTS_HEADER, DEFAULT_OPTIONS, EmailJob, InvalidMessage, ParseOptions, parse_message,
+    ATTEMPTS_HEADER, DEFAULT_OPTIONS, ENVELOPE_HEADER, EmailJob, InvalidMessage, ParseOptions, parse_message,
 )
 from email_worker.metrics import Health, WorkerMetrics, serve_http
 from email_worker.ratelimit import TokenBucket
@@ -111,6 +111,8 @@ class _Delivery:
 @dataclass(frozen=True)
 class _Sent:
     seconds: float
+    refused: dict[str, tuple[int, str]]
+    """Recipients the server refused while accepting the email for the others."""
 
 
 @dataclass(frozen=True)
@@ -333,7 +335,10 @@ class Worker:
             delivery = _Delivery(channel.connection, self._generation, method.delivery_tag, properties, body,
                                  job=None)  # type: ignore[arg-type]
             self._in_flight[method.delivery_tag] = delivery
-            self._dead_letter(delivery, DEAD_INVALID, exc.reason)
+            if self._dead_letter(delivery, DEAD_INVALID, exc.reason):
+                self._ack(delivery)
+            else:
+                self._nack(delivery, "publish failed")
             return
         delivery = _Delivery(channel.connection, self._generation, method.delivery_tag, properties, body, job)
         self._in_flight[method.delivery_tag] = delivery
@@ -345,7 +350,13 @@ class Worker:
         if delivery.generation != self._generation or delivery.delivery_tag not in self._in_flight:
             return  # channel gone since: the broker has requeued it
         job = delivery.job
+        if isinstance(outcome, _NotStarted):
+            self._nack(delivery, "stopping")
+            return
         if isinstance(outcome, _Sent):
+            if outcome.refused and not self._park_refused(delivery, outcome.refused):
+                self._nack(delivery, "publish failed")
+                return
             self._ack(delivery)
             self.counters.sent += 1
             self.metrics.sent.inc()
@@ -353,36 +364,62 @@ class Worker:
             waited = _time_in_queue(job)
             if waited is not None:
                 self.metrics.time_in_queue.observe(waited)
-            log.debug("sent", extra={"fields": {"job_id": job.id, "attempts": job.attempts,
-                                                "seconds": round(outcome.seconds, 4)}})
-            return
-        if isinstance(outcome, _NotStarted):
-            self._nack(delivery, "stopping")
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("sent", extra={"fields": {"job_id": job.id, "attempts": job.attempts,
+                                                    "seconds": round(outcome.seconds, 4)}})
             return
         route = route_failure(job.attempts, outcome.error, self.config.topology.retry)
+        if self._route(delivery, route):
+            self._ack(delivery)
+        else:
+            self._nack(delivery, "publish failed")
+
+    def _route(self, delivery: _Delivery, route: Route, only: list[str] | None = None) -> bool:
+        """Publish the retry or dead-letter copy a route calls for; True once the broker has it."""
+        job = delivery.job
         self.metrics.failed.labels(route.failure.failure_class).inc()
         fields = {"job_id": job.id, "attempts": route.attempts, "class": route.failure.failure_class,
-                  "code": route.failure.code, "error": redact_text(route.failure.detail)}
+                  "code": route.failure.code, "error": redact_text(route.failure.detail),
+                  "recipients": len(only) if only else len(job.envelope_recipients)}
         if route.action == "retry":
             assert route.tier is not None
             log.info("send failed; retrying later", extra={"fields": {**fields, "tier": route.tier.name}})
-            self._retry(delivery, route)
-        else:
-            assert route.dead_reason is not None
-            log.warning("send failed; dead-lettering", extra={"fields": {**fields, "reason": route.dead_reason}})
-            self._dead_letter(delivery, route.dead_reason, route.failure.detail, attempts=route.attempts)
+            return self._retry(delivery, route, only)
+        assert route.dead_reason is not None
+        log.warning("send failed; dead-lettering", extra={"fields": {**fields, "reason": route.dead_reason}})
+        return self._dead_letter(delivery, route.dead_reason, route.failure.detail, route.attempts, only)
 
-    def _retry(self, delivery: _Delivery, route: Route) -> None:
+    def _park_refused(self, delivery: _Delivery, refused: dict[str, tuple[int, str]]) -> bool:
+        """The server took the email but refused some recipients: retry or park copies for those only."""
+        temporary = sorted(a for a, (code, _) in refused.items() if not 500 <= code < 600)
+        permanent = sorted(a for a, (code, _) in refused.items() if 500 <= code < 600)
+        for group in (temporary, permanent):
+            if not group:
+                continue
+            code = min(refused[a][0] for a in group)
+            detail = f"{code} {refused[group[0]][1]} ({len(group)} of {len(delivery.job.envelope_recipients)} " \
+                     "recipients refused)"
+            route = route_failure(delivery.job.attempts, code, self.config.topology.retry)
+            route = replace(route, failure=replace(route.failure, detail=" ".join(detail.split())))
+            if not self._route(delivery, route, only=group):
+                return False
+        return True
+
+    def _retry(self, delivery: _Delivery, route: Route, only: list[str] | None = None) -> bool:
         assert route.tier is not None
         headers = dict(delivery.properties.headers or {})
         headers[ATTEMPTS_HEADER] = route.attempts
         headers[LAST_ERROR_HEADER] = redact_text(route.failure.detail)
-        queue_name = self.config.topology.retry_queue(route.tier)
-        if self._publish_then_ack(delivery, queue_name, headers):
-            self.counters.retried += 1
-            self.metrics.retried.labels(route.tier.name).inc()
+        if only:
+            headers[ENVELOPE_HEADER] = list(only)
+        if not self._publish_copy(delivery, self.config.topology.retry_queue(route.tier), headers):
+            return False
+        self.counters.retried += 1
+        self.metrics.retried.labels(route.tier.name).inc()
+        return True
 
-    def _dead_letter(self, delivery: _Delivery, reason: str, detail: str, attempts: int | None = None) -> None:
+    def _dead_letter(self, delivery: _Delivery, reason: str, detail: str, attempts: int | None = None,
+                     only: list[str] | None = None) -> bool:
         headers = dict(delivery.properties.headers or {})
         headers[DEATH_REASON_HEADER] = reason
         headers[DEATH_DETAIL_HEADER] = redact_text(detail)
@@ -390,11 +427,15 @@ class Worker:
         headers["x-original-queue"] = self.config.topology.work_queue
         if attempts is not None:
             headers[ATTEMPTS_HEADER] = attempts
-        if self._publish_then_ack(delivery, self.config.topology.dead_queue, headers):
-            self.counters.dead += 1
-            self.metrics.dead_lettered.labels(reason).inc()
+        if only:
+            headers[ENVELOPE_HEADER] = list(only)
+        if not self._publish_copy(delivery, self.config.topology.dead_queue, headers):
+            return False
+        self.counters.dead += 1
+        self.metrics.dead_lettered.labels(reason).inc()
+        return True
 
-    def _publish_then_ack(self, delivery: _Delivery, queue_name: str, headers: dict[str, Any]) -> bool:
+    def _publish_copy(self, delivery: _Delivery, queue_name: str, headers: dict[str, Any]) -> bool:
         original = delivery.properties
         properties = pika.BasicProperties(
             content_type=original.content_type, content_encoding=original.content_encoding,
@@ -407,9 +448,7 @@ class Worker:
         except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
             log.error("could not publish to %s; returning the job to the work queue", queue_name,
                       extra={"fields": {"error": type(exc).__name__, "delivery_tag": delivery.delivery_tag}})
-            self._nack(delivery, "publish failed")
             return False
-        self._ack(delivery)
         return True
 
     def _ack(self, delivery: _Delivery) -> None:
@@ -456,10 +495,10 @@ class Worker:
             return _NotStarted()
         started = time.monotonic()
         try:
-            sender.send(delivery.job)
+            refused = sender.send(delivery.job)
         except Exception as exc:  # classified by routing; nothing escapes the thread
             return _Failed(exc)
-        return _Sent(time.monotonic() - started)
+        return _Sent(time.monotonic() - started, refused)
 
 
 def _time_in_queue(job: EmailJob) -> float | None:
