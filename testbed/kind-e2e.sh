@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# kind path (needs a Docker engine): build both images, create a kind cluster, load the images,
+# `helm install` the chart (operator + worker + evaluation RabbitMQ), then run the e2e tests
+# marked `kind`. Usage: testbed/kind-e2e.sh   (env: KIND_CLUSTER, KEEP_CLUSTER=1, TAG, KIND_NODE_IMAGE)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CLUSTER=${KIND_CLUSTER:-emailqueue-e2e}
+TAG=${TAG:-$(.venv/bin/python -c 'import emailqueue_operator as m; print(m.__version__)' 2>/dev/null || echo dev)}
+NAMESPACE=email
+RELEASE=emailqueue
+OPERATOR_IMAGE=emailqueue-operator:${TAG}
+WORKER_IMAGE=email-worker:${TAG}
+PY=${PY:-.venv/bin/python}
+
+die() { echo "kind-e2e: $*" >&2; exit 1; }
+
+# Fail fast, with the reason, before building anything.
+command -v docker >/dev/null || die "docker CLI not found; install Docker to use the kind path"
+if ! docker info >/dev/null 2>&1; then
+  die "docker info failed: no Docker engine is reachable (DOCKER_HOST=${DOCKER_HOST:-unset}).
+  The kind path needs a running Docker engine; this machine may only have the CLI.
+  Without Docker, use the test bed instead: make test (kube-apiserver + etcd, RabbitMQ, SMTP)."
+fi
+command -v kind >/dev/null || die "kind not found: go install sigs.k8s.io/kind@v0.29.0 (or see kind.sigs.k8s.io)"
+HELM=${HELM:-$(command -v helm || true)}
+KUBECTL=${KUBECTL:-$(command -v kubectl || true)}
+[[ -n "$HELM" && -n "$KUBECTL" ]] || die "helm and kubectl are needed on PATH (make testbed-bins builds pinned ones into ~/.cache/emailqueue-testbed/bin)"
+
+echo "==> building images ${OPERATOR_IMAGE} and ${WORKER_IMAGE}"
+docker build -f operator/Dockerfile -t "${OPERATOR_IMAGE}" .
+docker build -f worker/Dockerfile -t "${WORKER_IMAGE}" .
+
+if ! kind get clusters | grep -qx "${CLUSTER}"; then
+  echo "==> creating kind cluster ${CLUSTER}"
+  kind create cluster --name "${CLUSTER}" ${KIND_NODE_IMAGE:+--image "${KIND_NODE_IMAGE}"} --wait 120s
+fi
+cleanup() {
+  if [[ -z "${KEEP_CLUSTER:-}" ]]; then kind delete cluster --name "${CLUSTER}"; fi
+}
+trap cleanup EXIT
+
+export KUBECONFIG
+KUBECONFIG=$(mktemp)
+kind get kubeconfig --name "${CLUSTER}" > "${KUBECONFIG}"
+
+echo "==> loading images into the cluster"
+kind load docker-image --name "${CLUSTER}" "${OPERATOR_IMAGE}" "${WORKER_IMAGE}"
+
+echo "==> evaluation RabbitMQ in namespace ${NAMESPACE}"
+"$KUBECTL" apply -k deploy/rabbitmq
+"$KUBECTL" -n "${NAMESPACE}" rollout status statefulset/rabbitmq --timeout=300s
+
+echo "==> helm install ${RELEASE}"
+"$HELM" upgrade --install "${RELEASE}" charts/emailqueue-operator -n "${NAMESPACE}" --wait --timeout 300s \
+  --set image.repository=emailqueue-operator --set image.tag="${TAG}" --set image.pullPolicy=Never \
+  --set worker.enabled=true --set worker.image.repository=email-worker --set worker.image.tag="${TAG}" \
+  --set worker.image.pullPolicy=Never --set worker.amqpSecret.name=rabbitmq \
+  --set worker.smtp.host=smtp-sink."${NAMESPACE}".svc --set worker.smtp.port=25 --set worker.smtp.tls=none
+"$KUBECTL" -n "${NAMESPACE}" rollout status "deploy/${RELEASE}-emailqueue-operator" --timeout=180s
+
+echo "==> e2e tests (pytest -m kind)"
+export EQ_E2E_KIND=1 EQ_E2E_NAMESPACE="${NAMESPACE}" EQ_E2E_RELEASE="${RELEASE}"
+status=0
+"$PY" -m pytest tests/e2e -m kind -q || status=$?
+if [[ $status -eq 5 ]]; then
+  echo "kind-e2e: no tests marked 'kind' in tests/e2e yet; the install itself succeeded" >&2
+  status=0
+fi
+exit $status
