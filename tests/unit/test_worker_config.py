@@ -130,3 +130,13 @@ def test_topology_arguments() -> None:
     assert topology.retry_queues == ("emails.retry.10s", "emails.retry.60s")
     assert topology.retry_queue_arguments(RetryTier(60)) == {
         "x-message-ttl": 60000, "x-dead-letter-exchange": "emails.dlx", "x-dead-letter-routing-key": "emails"}
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["run"], "warning"),                               # from LOG_LEVEL
+    (["--log-level", "debug", "run"], "debug"),
+    (["run", "--log-level", "error"], "error"),
+])
+def test_log_level_before_or_after_the_subcommand(argv: list[str], expected: str) -> None:
+    args = build_parser({"LOG_LEVEL": "warning"}).parse_args(argv)
+    assert (args.log_level or args.global_log_level) == expected

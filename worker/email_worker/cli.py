@@ -78,12 +78,16 @@ def _topology(args: argparse.Namespace) -> Topology:
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    # --log-level works before or after the subcommand (`email-worker run --log-level debug`).
+    levels = ["debug", "info", "warning", "error"]
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=None, choices=levels, help="env LOG_LEVEL, default info")
     parser = argparse.ArgumentParser(prog="email-worker", description="Queue-driven email worker and publisher.")
-    parser.add_argument("--log-level", default=_env(env, "LOG_LEVEL", "info"),
-                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", dest="global_log_level", default=_env(env, "LOG_LEVEL", "info"),
+                        choices=levels, help="env LOG_LEVEL, default info")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="consume the work queue and send over SMTP")
+    run = sub.add_parser("run", help="consume the work queue and send over SMTP", parents=[common])
     _add_broker_args(run, env)
     run.add_argument("--smtp-host", default=_env(env, "SMTP_HOST", "127.0.0.1"))
     run.add_argument("--smtp-port", type=int, default=int(_env(env, "SMTP_PORT", "25") or 25))
@@ -116,13 +120,14 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     run.add_argument("--heartbeat-seconds", type=int, default=int(_env(env, "HEARTBEAT_SECONDS", "30") or 30))
     run.add_argument("--no-declare", action="store_true", help="do not declare the topology at start-up")
 
-    publish = sub.add_parser("publish", help="publish JSON-lines jobs from a file or stdin; prints the count")
+    publish = sub.add_parser("publish", help="publish JSON-lines jobs from a file or stdin; prints the count",
+                             parents=[common])
     _add_broker_args(publish, env)
     publish.add_argument("file", nargs="?", default="-", help="JSON lines file, - for stdin (default)")
     publish.add_argument("--declare", action="store_true", help="declare the topology first")
     publish.add_argument("--no-validate", action="store_true", help="skip the client-side contract check")
 
-    declare = sub.add_parser("declare", help="declare queues and exchanges, then exit")
+    declare = sub.add_parser("declare", help="declare queues and exchanges, then exit", parents=[common])
     _add_broker_args(declare, env)
     return parser
 
@@ -166,7 +171,11 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    return worker.run()
+    try:
+        return worker.run()
+    except Exception:  # a bug: say so in the log format operators read; the broker requeues unacked work
+        log.exception("worker crashed")
+        return 1
 
 
 def _read_jobs(stream: TextIO, errors: list[str]) -> Iterator[dict[str, Any]]:
@@ -251,6 +260,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         print(f"email-worker: configuration error in environment: {exc}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    args.log_level = args.log_level or args.global_log_level
     setup_logging(args.log_level)
     try:
         if args.command == "run":

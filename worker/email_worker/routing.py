@@ -88,12 +88,11 @@ def classify_failure(failure: int | BaseException) -> Failure:
     if isinstance(failure, int):
         return _by_code(failure, f"smtp {failure}")
     if isinstance(failure, smtplib.SMTPRecipientsRefused):
-        codes = [code for code, _ in failure.recipients.values()]
-        # Retry if any recipient might succeed later; a full 5xx set is final.
-        temporary = any(not 500 <= code < 600 for code in codes) or not codes
-        code = max(codes) if codes and not temporary else min(codes, default=None)
-        return Failure("temporary" if temporary else "permanent",
-                       f"all recipients refused ({', '.join(str(c) for c in sorted(set(codes)))})", code)
+        codes = sorted({code for code, _ in failure.recipients.values()})
+        # Retry if any recipient might succeed later; only an all-5xx refusal is final.
+        permanent = bool(codes) and all(500 <= code < 600 for code in codes)
+        return Failure("permanent" if permanent else "temporary",
+                       f"all recipients refused ({', '.join(str(c) for c in codes)})", codes[0] if codes else None)
     if isinstance(failure, (smtplib.SMTPAuthenticationError, smtplib.SMTPConnectError, smtplib.SMTPHeloError)):
         # Our credentials, the server's greeting or our HELO: not this message's fault, so
         # never dead-letter mail because of them; retry and let the logs/alerts shout.
