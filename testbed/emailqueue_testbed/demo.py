@@ -344,7 +344,9 @@ def summarize(run: SurgeRun, simulated: Mapping[str, Any] | None = None) -> dict
         },
         "published": len(run.published),
         "delivered": delivered,
-        "lost": len(run.published) - delivered,
+        # An interrupted run stops before the drain: what is still queued then is not lost.
+        "lost": None if run.interrupted else len(run.published) - delivered,
+        "undelivered": len(run.published) - delivered,
         "duplicates": receipts_known - delivered,
         "unexpected_receipts": unexpected,
         "publish_errors": run.publish_errors,
@@ -558,7 +560,11 @@ class DemoStack:
                        lambda: self.apps.delete_namespaced_deployment(DEPLOYMENT, ns),
                        lambda: self.core.delete_namespaced_secret(SECRET, ns),
                        lambda: self.core.delete_collection_namespaced_event(ns),
-                       lambda: self.core.delete_namespace(ns)):
+                       lambda: self.core.delete_namespace(ns),
+                       # ...and it stays Terminating until someone finalizes it, as the
+                       # namespace controller does once the namespace is empty.
+                       lambda: self.core.replace_namespace_finalize(
+                           ns, {"metadata": {"name": ns}, "spec": {"finalizers": []}})):
             with contextlib.suppress(ApiException):
                 delete()
 
@@ -908,7 +914,8 @@ def print_summary(report: Mapping[str, Any], say: Callable[[str], None]) -> None
     rows = [
         ("published", report["published"], sim.get("published")),
         ("delivered (unique)", report["delivered"], sim.get("delivered")),
-        ("lost", report["lost"], None), ("duplicates", report["duplicates"], None),
+        ("lost", report["lost"] if report["lost"] is not None else "- (interrupted)", None),
+        ("duplicates", report["duplicates"], None),
         ("peak backlog", report["peak_backlog"], sim.get("peak_backlog")),
         ("p50 time in queue s", tiq["p50"], sim_tiq.get("p50")),
         ("p99 time in queue s", tiq["p99"], sim_tiq.get("p99")),
@@ -982,7 +989,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if run.interrupted:
             print("interrupted: the report covers the part that ran", flush=True)
             return 130
-        return 0 if report["lost"] == 0 and run.drained else 1
+        return 0 if report["lost"] == 0 and run.drained and run.settled else 1
     except KeyboardInterrupt:
         print("interrupted; cleaned up", flush=True)
         return 130

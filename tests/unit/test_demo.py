@@ -148,3 +148,13 @@ def test_a_report_carries_the_simulated_prediction_beside_the_live_figures():
     assert report["simulated"] == {"policy": "ours", "peak_backlog": 3}
     assert report["scenario"]["compression"] == {}
     assert math.isclose(report["drain_threshold"], 1.0)
+
+
+def test_an_interrupted_run_reports_undelivered_not_lost():
+    plan = tiny_plan()
+    run = SurgeRun(plan=plan, started_at=0.0, published={"a": 1.0, "b": 2.0}, receipts=(("a", 1.5),),
+                   samples=(sample(0),), scale_events=(), kubelet_events=(), drained=False, settled=False,
+                   interrupted=True)
+    report = summarize(run)
+    # Still queued when Ctrl-C came: not delivered yet, but nothing says it would have been lost.
+    assert report["lost"] is None and report["undelivered"] == 1 and report["interrupted"]
