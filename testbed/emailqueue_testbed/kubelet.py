@@ -237,6 +237,9 @@ class LocalKubelet:
                 self._record("kill", pod.name, "still running after the grace period")
                 _signal_group(pod.proc, signal.SIGKILL)
                 pod.proc.wait()
+        for pod in pods:
+            if pod.proc is not None:
+                self._record("exit", pod.name, f"exit code {pod.proc.returncode}")
         with self._lock:
             for pod in pods:
                 self._pods.pop(pod.name, None)
