@@ -133,7 +133,17 @@ def run(count: int, seconds: float, settle: float) -> dict[str, Any]:
                              "--metrics-port", str(port), "--health-port", "0"],
                             env={**os.environ, "KUBECONFIG": kubeconfig}, stdout=log, stderr=subprocess.STDOUT)
     try:
-        time.sleep(settle)
+        # Settle: every EmailQueue's daemon has started and polls on schedule.
+        deadline = time.monotonic() + settle
+        time.sleep(10)
+        while time.monotonic() < deadline:
+            first = scrape(port).get("emailqueue_poll_lag_seconds_count", 0)
+            time.sleep(10)
+            rate = (scrape(port).get("emailqueue_poll_lag_seconds_count", 0) - first) / 10
+            if rate >= 0.95 * count / 5:
+                break
+        if os.environ.get("EQ_BENCH_PROFILE"):  # e.g. a py-spy command; {pid} is the operator
+            subprocess.Popen(os.environ["EQ_BENCH_PROFILE"].format(pid=proc.pid), shell=True)
         before, cpu_before, t0 = scrape(port), cpu_seconds(proc.pid), time.monotonic()
         time.sleep(seconds)
         after, cpu_after, t1 = scrape(port), cpu_seconds(proc.pid), time.monotonic()
@@ -170,7 +180,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, action="append", help="EmailQueues (repeatable; default 200 and 1000)")
     parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--settle", type=float, default=30)
+    parser.add_argument("--settle", type=float, default=240, help="at most this long for all daemons to start")
     parser.add_argument("--out", default=str(REPO / "out" / "bench" / "operator.json"))
     args = parser.parse_args()
     (REPO / "out" / "bench").mkdir(parents=True, exist_ok=True)

@@ -54,17 +54,35 @@ def _post(body: kopf.Body, namespace: str, name: str, result: PollResult) -> Non
                 event.reason, event.message)
 
 
+# Status is re-written at least this often even when nothing but the policy's clock
+# moved, so a restarted operator finds a recent PolicyState.
+STATUS_REFRESH_SECONDS = 30.0
+
+
+def material(status: dict[str, Any]) -> dict[str, Any]:
+    """The part of a status patch worth writing: without timestamps that move every poll.
+    Idle queues then cost no write (and no watch event back to every kopf operator)."""
+    trimmed = {k: v for k, v in status.items() if k != "policy"}
+    if isinstance(trimmed.get("lastDecision"), dict):
+        trimmed["lastDecision"] = {k: v for k, v in trimmed["lastDecision"].items() if k != "at"}
+    return trimmed
+
+
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)
 async def scale_loop(name: str, namespace: str, body: kopf.Body, stopped: kopf.DaemonStopped,
                      logger: kopf.Logger, **_: Any) -> None:
     """Poll the queue and scale the target until the EmailQueue goes away."""
-    state = PolicyState.from_status((body.get("status") or {}).get("policy"))
+    status: dict[str, Any] = dict(body.status)
+    state = PolicyState.from_status(status.get("policy"))
     loop = asyncio.get_running_loop()
     next_at = loop.time()
+    written: dict[str, Any] | None = None
+    written_at = float("-inf")
     try:
         while not stopped:
             CONTEXT.metrics.poll_lag.observe(max(0.0, loop.time() - next_at))
-            snapshot = {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}
+            # Our own last status, not the watched one: the watch may lag behind our patch.
+            snapshot = {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": status}
             try:
                 result = await asyncio.to_thread(poll, snapshot, state, CONTEXT)
             except Exception as exc:  # an unexpected failure: report it, keep the loop alive
@@ -74,10 +92,14 @@ async def scale_loop(name: str, namespace: str, body: kopf.Body, stopped: kopf.D
                 next_at = loop.time()
                 continue
             state = result.state
-            try:
-                await asyncio.to_thread(kube.patch_status, namespace, name, result.status)
-            except Exception as exc:  # status is informative; the next poll writes it again
-                logger.warning("status patch failed: %s", exc)
+            status = {**status, **result.status}
+            summary = material(result.status)
+            if summary != written or loop.time() - written_at >= STATUS_REFRESH_SECONDS:
+                try:
+                    await asyncio.to_thread(kube.patch_status, namespace, name, result.status)
+                    written, written_at = summary, loop.time()
+                except Exception as exc:  # status is informative; the next poll writes it again
+                    logger.warning("status patch failed: %s", exc)
             _post(body, namespace, name, result)
             next_at += result.poll_seconds
             delay = next_at - loop.time()

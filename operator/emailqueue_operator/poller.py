@@ -46,6 +46,7 @@ class Context:
     pool: BrokerPool
     secrets: kube.SecretCache
     metrics: OperatorMetrics
+    targets: kube.TargetCache = field(default_factory=kube.TargetCache)
     clock: Any = time.time
 
 
@@ -166,7 +167,7 @@ def poll(body: Mapping[str, Any], state: PolicyState, ctx: Context) -> PollResul
     # 2. the target
     ref = spec.scale_target
     try:
-        target = kube.read_target(namespace, ref.kind, ref.name)
+        target = ctx.targets.read(namespace, ref.kind, ref.name)
     except kube.TargetError as exc:
         m.probe_errors.labels(namespace, name, exc.reason).inc()
         return report([conditions.ready(False, exc.reason, str(exc))], {}, _warn_once(previous, exc.reason, str(exc)),
@@ -211,6 +212,7 @@ def poll(body: Mapping[str, Any], state: PolicyState, ctx: Context) -> PollResul
     if desired != target.replicas and not spec.dry_run and not hpas:
         try:
             kube.scale_target(namespace, ref.kind, ref.name, desired)
+            ctx.targets.forget(namespace, ref.kind)
             scaled = True
         except kube.TargetError as exc:
             events.append(Event("Warning", exc.reason, str(exc)))
