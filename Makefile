@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
+# The pinned tools (built by testbed-bins, cached by version).
+tool = $(shell $(PY) -c 'from emailqueue_testbed.state import binary; print(binary("$(1)"))' 2>/dev/null)
 
 .PHONY: help
 help: ## list the targets
@@ -50,6 +52,27 @@ test: venv deps testbed-bins ## run every test (unit, integration, e2e); starts 
 .PHONY: test-unit
 test-unit: venv ## fast tests without the test bed
 	$(PYTEST) tests/unit -q
+
+.PHONY: lint
+lint: venv testbed-bins ## helm lint --strict, promtool check/test rules, static chart/alert/dashboard checks
+	$(call tool,helm) lint --strict charts/emailqueue-operator
+	$(call tool,promtool) check rules deploy/monitoring/rules/*.yaml
+	cd deploy/monitoring/tests && $(call tool,promtool) test rules *.yaml
+	$(PYTEST) tests/unit/test_alerts.py tests/unit/test_dashboard.py tests/unit/test_chart_static.py -q
+
+##@ Ship
+.PHONY: manifests
+manifests: venv ## regenerate the PrometheusRule and the chart's copies of the CRD, rules and dashboard
+	$(PY) deploy/monitoring/sync.py
+
+.PHONY: images
+images: ## docker build both images (needs a Docker engine)
+	docker build -f operator/Dockerfile -t emailqueue-operator:0.1.0 .
+	docker build -f worker/Dockerfile -t email-worker:0.1.0 .
+
+.PHONY: e2e-kind
+e2e-kind: venv ## needs Docker: build images, kind cluster, helm install, pytest -m kind
+	testbed/kind-e2e.sh
 
 ##@ Simulate and plan
 .PHONY: simulate
