@@ -31,6 +31,15 @@ deps: ## install system packages the test bed needs (rabbitmq-server), if missin
 testbed-bins: ## build kube-apiserver, kubectl, etcd, helm, promtool from pinned Go modules (cached)
 	testbed/build-bins.sh all
 
+##@ Demo
+.PHONY: demo
+demo: venv deps testbed-bins ## replay the 2023-09-20 surge live on the test bed; writes out/demo/report.json and surge.png
+	$(PY) -m emailqueue_testbed.demo
+
+.PHONY: demo-quick
+demo-quick: venv deps testbed-bins ## the same in about 3 minutes
+	$(PY) -m emailqueue_testbed.demo --quick
+
 ##@ Test bed
 .PHONY: testbed-up
 testbed-up: venv deps testbed-bins ## start apiserver+etcd, RabbitMQ, SMTP; writes .testbed/env
