@@ -67,24 +67,23 @@ def run_live() -> dict[str, Any]:
     return json.loads((out / "report.json").read_text())
 
 
-def run_worker() -> dict[str, Any]:
-    path = OUT / "worker.json"
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "worker_throughput.py"), "--out", str(path)],
-                            cwd=REPO, capture_output=True, text=True, timeout=1800)
-    (OUT / "worker.log").write_text(result.stdout + result.stderr)
+def _run_script(script: str, out_name: str, timeout: float) -> dict[str, Any]:
+    """Run one bench/ script (it writes JSON to --out); its output goes to out/bench/NAME.log."""
+    path = OUT / f"{out_name}.json"
+    result = subprocess.run([sys.executable, str(REPO / "bench" / script), "--out", str(path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    (OUT / f"{out_name}.log").write_text(result.stdout + result.stderr)
     if result.returncode:
-        raise RuntimeError(f"worker_throughput.py exited {result.returncode}; see out/bench/worker.log")
+        raise RuntimeError(f"{script} exited {result.returncode}; see out/bench/{out_name}.log")
     return json.loads(path.read_text())
+
+
+def run_worker() -> dict[str, Any]:
+    return _run_script("worker_throughput.py", "worker", timeout=1800)
 
 
 def run_operator() -> dict[str, Any]:
-    path = OUT / "operator.json"
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "operator_overhead.py"), "--out", str(path)],
-                            cwd=REPO, capture_output=True, text=True, timeout=3600)
-    (OUT / "operator.log").write_text(result.stdout + result.stderr)
-    if result.returncode:
-        raise RuntimeError(f"operator_overhead.py exited {result.returncode}; see out/bench/operator.log")
-    return json.loads(path.read_text())
+    return _run_script("operator_overhead.py", "operator", timeout=3600)
 
 
 RUNNERS: dict[str, Callable[[], dict[str, Any]]] = {

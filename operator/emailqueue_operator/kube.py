@@ -67,6 +67,13 @@ def _apps() -> client.AppsV1Api:
     return client.AppsV1Api(api_client())
 
 
+def _check_kind(kind: str) -> None:
+    if kind not in ("Deployment", "StatefulSet"):
+        err = TargetError(f"scaleTargetRef.kind {kind!r} is not supported (Deployment or StatefulSet)")
+        err.reason = "TargetKindUnsupported"
+        raise err
+
+
 def _target_from(kind: str, name: str, obj: Mapping[str, Any]) -> TargetScale:
     spec, status = obj.get("spec") or {}, obj.get("status") or {}
     labels = (spec.get("selector") or {}).get("matchLabels") or {}
@@ -103,10 +110,7 @@ class TargetCache:
         return {item["metadata"]["name"]: _target_from(kind, item["metadata"]["name"], item) for item in items}
 
     def read(self, namespace: str, kind: str, name: str) -> TargetScale:
-        if kind not in ("Deployment", "StatefulSet"):
-            err = TargetError(f"scaleTargetRef.kind {kind!r} is not supported (Deployment or StatefulSet)")
-            err.reason = "TargetKindUnsupported"
-            raise err
+        _check_kind(kind)
         key = (namespace, kind)
         with self._lock:
             fetch_lock = self._fetch_locks.setdefault(key, threading.Lock())
@@ -132,16 +136,13 @@ class TargetCache:
 
 def read_target(namespace: str, kind: str, name: str) -> TargetScale:
     """One target by GET (raw JSON, see TargetCache)."""
+    _check_kind(kind)
     apps = _apps()
     try:
         if kind == "Deployment":
             resp = apps.read_namespaced_deployment(name, namespace, _request_timeout=10, _preload_content=False)
-        elif kind == "StatefulSet":
-            resp = apps.read_namespaced_stateful_set(name, namespace, _request_timeout=10, _preload_content=False)
         else:
-            err = TargetError(f"scaleTargetRef.kind {kind!r} is not supported (Deployment or StatefulSet)")
-            err.reason = "TargetKindUnsupported"
-            raise err
+            resp = apps.read_namespaced_stateful_set(name, namespace, _request_timeout=10, _preload_content=False)
         obj = json.loads(_drain(resp))
     except ApiException as exc:
         if exc.status == 404:
