@@ -54,3 +54,98 @@ def test_sigkill_of_random_workers_under_load_loses_nothing(chaos_stack, shared_
     assert result["complete"] and result["lost"] == 0, shown
     assert result["dead_lettered"] == 0, shown
     assert result["recovery_seconds"] is not None, shown
+
+
+def test_rabbitmq_stopped_and_restarted_mid_load_loses_nothing_and_never_scales_down_blind(
+        chaos_stack, kube_env, private_rabbitmq):
+    from .conftest import _endpoints
+
+    load = LoadPlan(rate=long_or_short(9.0, 6.0), duration_seconds=long_or_short(90, 30), max_replicas=5)
+    stack = chaos_stack(load, _endpoints(kube_env, private_rabbitmq), "rabbitmq-restart")
+    outage = long_or_short(30.0, 10.0)
+    fault = Fault("rabbitmq-stop-start", at=10, action=private_rabbitmq.stop_broker,
+                  heal=private_rabbitmq.start_broker, duration=outage)
+    run = run_load(stack, [fault], drain_timeout=120)
+    result = figures(run)
+    stopped_at, healed_at = fault_window(run, "rabbitmq-stop-start")
+    back = next((e["t"] for e in run.fault_log if e["event"] == "heal"), healed_at)  # start_broker returned
+    blind = [t for t in run.ticks if t.backlog is None]
+    drops = scale_downs_while(run, lambda t: t.t >= stopped_at and t.backlog is None)
+    result.update(fault=f"RabbitMQ node stopped for {outage:g} s mid-load, then restarted (private broker)",
+                  blind_seconds=len(blind), scale_downs_while_blind=drops,
+                  fallback_seen=any(t.conditions.get("FallbackActive") == "True" for t in run.ticks),
+                  recovery_seconds=recovery_seconds(run, back),
+                  expectation="lost 0; publishes during the outage retried by the producer; "
+                              "no scale-down while blind; workers and operator reconnect on their own")
+    record("rabbitmq-restart", result)
+    shown = _shown(result)
+    assert result["complete"] and result["lost"] == 0, shown
+    assert not drops, shown
+    assert blind, "the outage was not observed: " + shown
+    assert result["recovery_seconds"] is not None, shown
+
+
+def test_smtp_4xx_outage_then_5xx_for_some_recipients_loses_nothing(chaos_stack, shared_endpoints):
+    load = LoadPlan(rate=long_or_short(6.0, 5.0), duration_seconds=long_or_short(100, 28), max_replicas=4,
+                    recipients=20)
+    stack = chaos_stack(load, shared_endpoints, "smtp-4xx-5xx")
+    smtp = stack.smtp
+    assert smtp is not None
+    outage = long_or_short(60.0, 10.0)
+    refused = [LoadPlan.recipient(n, load.recipients) for n in (3, 7)]
+    temporary = Fault("smtp-451", at=4, duration=outage,
+                      action=lambda: smtp.set_fault(451, "4.3.0 try again later", seconds=outage))
+    permanent_at = 4 + outage + 2
+    permanent = Fault("smtp-550-some-recipients", at=permanent_at,
+                      action=lambda: smtp.set_fault(550, "5.1.1 no such user", recipients=refused))
+    run = run_load(stack, [temporary, permanent], drain_timeout=120)
+    result = figures(run)
+    result.update(fault=f"SMTP answers 451 to everything for {outage:g} s, then 550 for {len(refused)} of "
+                        f"{load.recipients} recipients",
+                  refused_recipients=refused,
+                  recovery_seconds=recovery_seconds(run, 4 + outage, threshold=max(3, int(load.rate * 3))),
+                  expectation="lost 0; 4xx retried until delivered; 5xx dead-lettered with reason `rejected`")
+    record("smtp-4xx-5xx", result)
+    shown = _shown(result)
+    assert result["complete"] and result["lost"] == 0, shown
+    assert set(result["dead_letter_reasons"]) <= {"rejected"}, shown
+    # Every dead letter is one of the refused recipients' emails, sent after the 5xx began.
+    refused_seqs = {n for n in range(load.total) if LoadPlan.recipient(n, load.recipients) in refused}
+    dead_seqs = {int(job_id.rsplit("-", 1)[1]) for job_id, _, _ in run.dead}
+    assert dead_seqs <= refused_seqs, shown
+    assert result["dead_lettered"] >= 1, shown
+    assert result["recovery_seconds"] is not None, shown
+
+
+def test_operator_killed_and_restarted_under_load_decides_the_same_and_recovers(chaos_stack, shared_endpoints):
+    load = LoadPlan(rate=long_or_short(12.0, 9.0), duration_seconds=long_or_short(90, 40), max_replicas=6)
+    stack = chaos_stack(load, shared_endpoints, "operator-restart")
+    down = long_or_short(15.0, 6.0)
+    kill_at = long_or_short(40.0, 18.0)
+    fault = Fault("operator-sigkill-restart", at=kill_at, action=stack.kill_operator, heal=stack.restart_operator,
+                  duration=down)
+    run = run_load(stack, [fault], drain_timeout=90)
+    result = figures(run)
+    killed_at, restarted_at = fault_window(run, "operator-sigkill-restart")
+    before = [t for t in run.ticks if t.t < killed_at and t.desired is not None]
+    desired_before = before[-1].desired if before else None
+    decided_before = before[-1].decided_at if before else ""
+    after = [t for t in run.ticks if t.t >= restarted_at]
+    first_decision = next((t for t in after if t.decided_at and t.decided_at != decided_before), None)
+    # The policy's memory (stabilization history, last scale time) lives in status: the new
+    # process must pick up where the old one stopped, not re-decide from scratch.
+    window = [t.desired for t in after if first_decision is not None and t.t <= first_decision.t + 10]
+    changes = [(a, b) for a, b in zip(window, window[1:]) if a != b]
+    result.update(fault=f"operator SIGKILLed under load, restarted {down:g} s later",
+                  desired_before_kill=desired_before,
+                  desired_during_downtime=sorted({t.desired for t in run.ticks
+                                                  if killed_at <= t.t < restarted_at and t.desired is not None}),
+                  desired_first_10s_after_restart=window, replica_changes_after_restart=len(changes),
+                  recovery_seconds=None if first_decision is None else round(first_decision.t - restarted_at, 1),
+                  expectation="lost 0; the restarted operator resumes from status (same decision, no flapping)")
+    record("operator-restart", result)
+    shown = _shown(result)
+    assert result["complete"] and result["lost"] == 0, shown
+    assert first_decision is not None, "the restarted operator never decided: " + shown
+    assert window and window[0] == desired_before, shown
+    assert all(b >= a for a, b in changes) and len(changes) <= 1, shown
