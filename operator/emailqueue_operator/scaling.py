@@ -476,6 +476,8 @@ class _Rates:
     per_replica: float | None
     learned: float | None
     oldest_age: float | None
+    ack_rate: float | None
+    """The ack rate, None when the sample was a stale zero (see _measure)."""
 
 
 def _measure(spec: EmailQueueSpec, obs: Observation, state: PolicyState, now: float) -> _Rates:
@@ -487,24 +489,38 @@ def _measure(spec: EmailQueueSpec, obs: Observation, state: PolicyState, now: fl
     if obs.consumers is not None:
         busy = min(busy, max(0, obs.consumers))
 
+    # The management API refreshes a quorum queue's counters only every few seconds
+    # (5 s on RabbitMQ 3.10), and between refreshes it reports rates of 0.0. A zero rate
+    # that the queue contradicts (messages waiting for busy workers, a growing backlog) is
+    # such a stale sample: treat it as unknown rather than as "nothing is happening".
+    # Before μ is known a zero is the only evidence there is, and it is kept.
+    ack_rate = obs.ack_rate
+    if (ack_rate is not None and ack_rate <= EPSILON and obs.ready > 0 and busy > 0
+            and state.learned_rate is not None):
+        ack_rate = None
+    publish_rate = obs.publish_rate
+    if (publish_rate is not None and publish_rate <= EPSILON and state.last_backlog is not None
+            and backlog > state.last_backlog):
+        publish_rate = None
+
     learned = state.learned_rate
     # Learn only while messages wait (workers saturated, not starved) and not while a
     # downstream throttle holds the ack rate down (that is not the workers' capacity).
-    if obs.ack_rate is not None and obs.ready > 0 and busy > 0 and state.saturation is None:
-        sample = max(0.0, obs.ack_rate) / busy
+    if ack_rate is not None and obs.ready > 0 and busy > 0 and state.saturation is None:
+        sample = max(0.0, ack_rate) / busy
         learned = sample if learned is None else LEARNING_ALPHA * sample + (1 - LEARNING_ALPHA) * learned
         learned = max(learned, target.rate_per_replica_floor)
     per_replica = target.rate_per_replica if target.rate_per_replica is not None else learned
 
     arrival: float | None = None
     estimated = False
-    if obs.publish_rate is not None:
-        arrival = max(0.0, obs.publish_rate)
+    if publish_rate is not None:
+        arrival = max(0.0, publish_rate)
     elif state.last_backlog is not None and state.last_at is not None:
         gap = now - state.last_at
         if 0 < gap <= ARRIVAL_ESTIMATE_MAX_GAP_POLLS * spec.behavior.poll_seconds:
-            if obs.ack_rate is not None:
-                consumed = max(0.0, obs.ack_rate)
+            if ack_rate is not None:
+                consumed = max(0.0, ack_rate)
             elif per_replica is not None and (backlog > 0 or state.last_backlog > 0):
                 consumed = per_replica * busy  # busy workers with work run at μ
             else:
@@ -515,17 +531,17 @@ def _measure(spec: EmailQueueSpec, obs: Observation, state: PolicyState, now: fl
     oldest_age = obs.oldest_age_seconds
     if oldest_age is None and backlog > 0:
         # Little's law: the wait in a FIFO queue is backlog / throughput.
-        throughput = obs.ack_rate if obs.ack_rate else None
+        throughput = ack_rate if ack_rate else None
         if not throughput and per_replica is not None and busy > 0:
             throughput = per_replica * busy
         if not throughput and arrival:
             throughput = arrival
         oldest_age = backlog / throughput if throughput else 0.0
-    return _Rates(backlog, busy, arrival, estimated, per_replica, learned, oldest_age)
+    return _Rates(backlog, busy, arrival, estimated, per_replica, learned, oldest_age, ack_rate)
 
 
 def _update_saturation(
-    spec: EmailQueueSpec, obs: Observation, state: PolicyState, busy: int, now: float
+    spec: EmailQueueSpec, obs: Observation, state: PolicyState, busy: int, ack_rate: float | None, now: float
 ) -> tuple[int, float, ThroughputSample | None, Saturation | None]:
     fleet, since = state.fleet_replicas, state.fleet_since
     if fleet != busy or since is None:
@@ -534,9 +550,9 @@ def _update_saturation(
     if obs.ready <= 0:
         # Drained (or never backlogged): acks now follow demand, not capacity.
         return fleet, since, None, None
-    if obs.ack_rate is None:
+    if ack_rate is None:
         return fleet, since, baseline, saturation
-    ack = max(0.0, obs.ack_rate)
+    ack = max(0.0, ack_rate)
     settle = max(spec.target.startup_seconds, 2.0 * spec.behavior.poll_seconds)
     settled = now - since >= settle and busy > 0
     if saturation is not None:
@@ -603,7 +619,7 @@ def _decide_measured(spec: EmailQueueSpec, obs: Observation, state: PolicyState,
     behavior = spec.behavior
     current = max(0, obs.current_replicas)
     rates = _measure(spec, obs, state, now)
-    fleet, fleet_since, baseline, saturation = _update_saturation(spec, obs, state, rates.busy, now)
+    fleet, fleet_since, baseline, saturation = _update_saturation(spec, obs, state, rates.busy, rates.ack_rate, now)
     terms, notes = _demand_terms(spec, obs, rates, now)
     raw = max(terms.values(), default=0.0)
     backlog = rates.backlog

@@ -526,3 +526,32 @@ def test_status_round_trip_is_identity() -> None:
         last_at=NOW,
     )
     assert PolicyState.from_status(state.to_status()) == state
+
+
+# --- stale management-API samples (quorum queues refresh their counters every 5 s) ---------
+
+
+def test_a_stale_zero_publish_rate_does_not_hide_a_growing_backlog() -> None:
+    # The broker said 0.0/s, but the backlog grew by 200 in 5 s while 4 workers sent 40/s:
+    # the arrival rate is estimated (~80/s), not taken as zero (which would scale down).
+    spec = make_spec(target={"ratePerReplica": 10, "drainSeconds": 60})
+    state = PolicyState(last_backlog=300, last_at=NOW - 5, last_active_at=NOW - 5, learned_rate=10.0)
+    decision = run(spec, obs(500, publish=0.0, ack=40.0, current=4), state)
+    assert decision.arrival_rate == pytest.approx(80.0)
+    assert decision.replicas > 4
+
+
+def test_a_true_zero_publish_rate_is_believed_when_the_backlog_shrinks() -> None:
+    spec = make_spec(target={"ratePerReplica": 10, "drainSeconds": 60})
+    state = PolicyState(last_backlog=500, last_at=NOW - 5, last_active_at=NOW - 5, learned_rate=10.0)
+    decision = run(spec, obs(300, publish=0.0, ack=40.0, current=4), state)
+    assert decision.arrival_rate == 0.0
+
+
+def test_a_stale_zero_ack_rate_does_not_drag_the_learned_rate_down() -> None:
+    # Workers are busy and messages wait, yet the sample says 0 acks/s: a stats tick, not
+    # a fleet that stopped. μ keeps its value instead of being smoothed towards zero.
+    spec = make_spec(target={"drainSeconds": 60})
+    state = PolicyState(learned_rate=10.0, last_backlog=500, last_at=NOW - 5, last_active_at=NOW - 5)
+    decision = run(spec, obs(500, publish=40.0, ack=0.0, current=4), state)
+    assert decision.rate_per_replica == 10.0
