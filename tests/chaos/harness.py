@@ -53,7 +53,10 @@ def record(scenario: str, figures: Mapping[str, Any]) -> Path:
     """Write one scenario's figures (overwrites the previous run of the same scenario)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{scenario}.json"
-    payload = {"scenario": scenario, "form": "long" if LONG else "short", "recorded_at": time.time(), **figures}
+    # The test's node id lets bench/chaos.py join these figures with the test's pass/fail.
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+    payload = {"scenario": scenario, "form": "long" if LONG else "short", "recorded_at": time.time(),
+               "test": test, **figures}
     path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     return path
 
