@@ -46,6 +46,7 @@ EXISTING: tuple[tuple[str, str], ...] = (
 # Scenario → (order, table). Anything else recorded lands in "other".
 LOOP = ("sigkill-workers", "rabbitmq-restart", "smtp-4xx-5xx", "operator-restart", "apiserver-restart")
 OPERATOR = ("conflicting-hpa", "target-recreated", "unreachable-broker-300")
+SECURITY = ("credentials-not-leaked",)
 
 
 def run_pytest(paths: Iterable[str], junit: Path, long: bool, log: Path) -> int:
@@ -179,7 +180,7 @@ def render(results: Mapping[str, Mapping[str, Any]], fault_cases: list[dict[str,
         "| fault | load | accepted | delivered | dead-lettered | lost | duplicates | recovery s | test | notes |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in [*LOOP, *sorted(set(results) - set(LOOP) - set(OPERATOR))]:
+    for name in [*LOOP, *sorted(set(results) - set(LOOP) - set(OPERATOR) - set(SECURITY))]:
         r = results.get(name)
         if r is None:
             continue
@@ -201,6 +202,14 @@ def render(results: Mapping[str, Mapping[str, Any]], fault_cases: list[dict[str,
             continue
         lines.append(f"| {r.get('fault', name)} | {r.get('expectation', '')} | {_operator_figures(name, r)} | "
                      f"{_n(r.get('recovery_seconds'))} | {outcome_of(r.get('test', ''), fault_cases)} |")
+    lines += ["", "## Credentials", "", "| check | captured (bytes) | passwords found | test |", "|---|---|---|---|"]
+    for name in SECURITY:
+        r = results.get(name)
+        if r is None:
+            continue
+        captured = ", ".join(f"{k} {v}" for k, v in (r.get("captured_bytes") or {}).items())
+        found = ", ".join(f"{k} {v}" for k, v in (r.get("leaks") or {}).items())
+        lines.append(f"| {r.get('fault', name)} | {captured} | {found} | {outcome_of(r.get('test', ''), fault_cases)} |")
     lines += ["", "## Bad input and security (fault suite)", "", "| test file | passed | failed | skipped | s |",
               "|---|---|---|---|---|"]
     for path, entry in sorted(by_file(fault_cases).items()):
