@@ -97,3 +97,7 @@ plan: venv ## capacity plan for the 2023-09-20 incident (20/s base, 400/s peak, 
 .PHONY: bench
 bench: venv deps testbed-bins ## run every benchmark; writes out/bench/ and docs/benchmarks.md
 	$(PY) bench/run.py
+
+.PHONY: chaos
+chaos: venv deps testbed-bins ## the fault suite, long form (bigger loads, longer faults); regenerates docs/reliability.md
+	$(PY) bench/chaos.py
