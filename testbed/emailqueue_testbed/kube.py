@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 import shutil
 import ssl
+import time
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -115,8 +116,8 @@ def up(timeout: float = 180.0) -> state.Record:
     state.save(state.Record(COMPONENT, (etcd_pid,), {}))
     state.wait_until(lambda: state.port_open(etcd_port), 30, "etcd", log=logs / "etcd.log")
     server = f"https://127.0.0.1:{api_port}"
-    api_pid = state.spawn([
-        state.binary("kube-apiserver"),
+    api_argv = [
+        str(state.binary("kube-apiserver")),
         "--etcd-servers", etcd_url, "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
         "--secure-port", str(api_port),
         "--tls-cert-file", pki / "apiserver.crt", "--tls-private-key-file", pki / "apiserver.key",
@@ -128,15 +129,34 @@ def up(timeout: float = 180.0) -> state.Record:
         # No controller-manager or scheduler here: admission that waits on them is off.
         "--disable-admission-plugins", "ServiceAccount,NamespaceLifecycle",
         "--profiling=false", "--v=1",
-    ], logs / "kube-apiserver.log")
+    ]
+    api_argv = [str(a) for a in api_argv]
+    api_pid = state.spawn(api_argv, logs / "kube-apiserver.log")
     kubeconfig = state.STATE_DIR / "kubeconfig"
     write_kubeconfig(kubeconfig, pki, server)
     record = state.Record(COMPONENT, (etcd_pid, api_pid),
                           {"server": server, "pki": str(pki), "kubeconfig": str(kubeconfig),
-                           "version": state.versions()["KUBERNETES_VERSION"]})
+                           "version": state.versions()["KUBERNETES_VERSION"], "api_argv": api_argv})
     state.save(record)
     state.wait_until(lambda: _readyz(server, pki), timeout, "kube-apiserver /readyz",
                      interval=0.5, log=logs / "kube-apiserver.log")
+    return record
+
+
+def restart_apiserver(down_seconds: float = 0.0, timeout: float = 120.0) -> state.Record:
+    """Stop kube-apiserver and start it again on the same port and etcd (a restart, not a
+    new cluster: every object survives). For fault tests."""
+    record = state.load(COMPONENT)
+    if record is None or "api_argv" not in record.facts:
+        raise state.TestbedError("no restartable kube-apiserver is running (start it with kube.up())")
+    state.kill_group(record.pids[1])
+    time.sleep(down_seconds)
+    log = state.STATE_DIR / "logs" / "kube-apiserver.log"
+    api_pid = state.spawn(record.facts["api_argv"], log)
+    record = state.Record(COMPONENT, (record.pids[0], api_pid), record.facts)
+    state.save(record)
+    state.wait_until(lambda: _readyz(record.facts["server"], Path(record.facts["pki"])), timeout,
+                     "kube-apiserver /readyz after a restart", interval=0.5, log=log)
     return record
 
 

@@ -81,3 +81,19 @@ def test_unknown_fields_are_rejected_by_strict_validation(kube_env, crds, namesp
 def test_kubectl_explain_describes_fields(kube_env, crds):
     out = kube_env.kubectl("explain", "emailqueue.spec.target.drainSeconds").stdout
     assert "DESCRIPTION" in out and len(out.split("DESCRIPTION", 1)[1].strip()) > 20
+
+
+def test_bad_resource_name_is_rejected(kube_env, crds, namespace):
+    doc = {"apiVersion": "emailqueue.dev/v1alpha1", "kind": "EmailQueue", "metadata": {"name": "Bad_Name!"},
+           "spec": BASE}
+    result = kube_env.kubectl("-n", namespace, "apply", "-f", "-", input=yaml.safe_dump(doc), check=False)
+    assert result.returncode != 0 and "RFC 1123" in result.stderr, result.stderr
+
+
+def test_bad_target_and_secret_names_are_rejected(kube_env, crds, namespace):
+    spec = yaml.safe_load(yaml.safe_dump(BASE))
+    spec["scaleTargetRef"]["name"] = "Not A Name"
+    doc = {"apiVersion": "emailqueue.dev/v1alpha1", "kind": "EmailQueue", "metadata": {"name": "badref"},
+           "spec": spec}
+    result = kube_env.kubectl("-n", namespace, "apply", "-f", "-", input=yaml.safe_dump(doc), check=False)
+    assert result.returncode != 0 and "spec.scaleTargetRef.name" in result.stderr, result.stderr
