@@ -568,14 +568,18 @@ class DemoStack:
             with contextlib.suppress(ApiException):
                 delete()
 
-    def _start_kubelet(self) -> None:
+    def worker_env(self) -> dict[str, str]:
+        """The environment every worker process gets (what a Deployment's pod spec would set)."""
         smtp = self.smtp
         assert smtp is not None
+        return {"AMQP_URL": self.amqp_url, "SMTP_HOST": smtp.host, "SMTP_PORT": str(smtp.port),
+                "QUEUE": QUEUE, "RATE_LIMIT": f"{self.plan.rate_per_replica:g}", "RATE_BURST": "1",
+                "CONCURRENCY": "2", "GRACE_SECONDS": "10", "LOG_LEVEL": "warning",
+                "MESSAGE_ID_DOMAIN": "demo.emailqueue.dev"}
+
+    def _start_kubelet(self) -> None:
         config = KubeletConfig(
-            worker_env={"AMQP_URL": self.amqp_url, "SMTP_HOST": smtp.host, "SMTP_PORT": str(smtp.port),
-                        "QUEUE": QUEUE, "RATE_LIMIT": f"{self.plan.rate_per_replica:g}", "RATE_BURST": "1",
-                        "CONCURRENCY": "2", "GRACE_SECONDS": "10", "LOG_LEVEL": "warning",
-                        "MESSAGE_ID_DOMAIN": "demo.emailqueue.dev"},
+            worker_env=self.worker_env(),
             startup_delay_seconds=self.plan.pod_start_delay_seconds, poll_seconds=0.5,
             termination_grace_seconds=15, log_dir=self.out_dir / "pods", pod_prefix=DEPLOYMENT)
         self.kubelet = LocalKubelet(ApiDeployment(self.namespace, DEPLOYMENT, self.endpoints.kubeconfig), config,

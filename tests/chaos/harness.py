@@ -36,7 +36,6 @@ import pika
 from emailqueue_testbed import state
 from emailqueue_testbed.demo import (QUEUE, QUORUM_STATS_SPEC, REPO, DemoStack, Endpoints, SurgePlan,
                                      job_id_from_message_id)
-from emailqueue_testbed.kubelet import ApiDeployment, KubeletConfig, LocalKubelet
 
 RESULTS_DIR = Path(os.environ.get("CHAOS_RESULTS_DIR", REPO / "out" / "chaos" / "results"))
 LONG = os.environ.get("CHAOS_LONG", "") not in ("", "0")
@@ -102,22 +101,11 @@ class ChaosStack(DemoStack):
         self.load = load
         self.operator_restarts = 0
 
-    def _start_kubelet(self) -> None:
+    def worker_env(self) -> dict[str, str]:
         # As DemoStack's, plus retry tiers short enough for an SMTP outage to resolve in the test.
-        smtp = self.smtp
-        assert smtp is not None
-        config = KubeletConfig(
-            worker_env={"AMQP_URL": self.amqp_url, "SMTP_HOST": smtp.host, "SMTP_PORT": str(smtp.port),
-                        "QUEUE": QUEUE, "RATE_LIMIT": f"{self.load.rate_per_replica:g}", "RATE_BURST": "1",
-                        "CONCURRENCY": "2", "GRACE_SECONDS": "10", "LOG_LEVEL": "info",
-                        "RETRY_TIERS": self.load.retry_tiers, "MAX_RETRIES": str(self.load.max_retries),
-                        "MESSAGE_ID_DOMAIN": "chaos.emailqueue.dev", "HEARTBEAT_SECONDS": "5"},
-            startup_delay_seconds=self.load.pod_start_delay_seconds, poll_seconds=0.5,
-            termination_grace_seconds=15, log_dir=self.out_dir / "pods", pod_prefix="email-worker")
-        self.kubelet = LocalKubelet(ApiDeployment(self.namespace, "email-worker", self.endpoints.kubeconfig), config)
-        self.kubelet.start()
-        self._later("stop the kubelet and its workers", self.kubelet.stop)
-        self.kubelet.wait_ready(self.plan.min_replicas, 60)
+        return {**super().worker_env(), "LOG_LEVEL": "info", "RETRY_TIERS": self.load.retry_tiers,
+                "MAX_RETRIES": str(self.load.max_retries), "MESSAGE_ID_DOMAIN": "chaos.emailqueue.dev",
+                "HEARTBEAT_SECONDS": "5"}
 
     # -- faults ---------------------------------------------------------------------------------
     def sigkill_random_worker(self, rng: random.Random) -> str | None:
