@@ -8,6 +8,7 @@ continues the stabilization windows, cooldowns and learned rates where they were
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
@@ -59,30 +60,33 @@ def _post(body: kopf.Body, namespace: str, name: str, result: PollResult) -> Non
 STATUS_REFRESH_SECONDS = 30.0
 
 
-def material(status: dict[str, Any]) -> dict[str, Any]:
-    """The part of a status patch worth writing: without timestamps that move every poll.
-    Idle queues then cost no write (and no watch event back to every kopf operator)."""
+def material(status: dict[str, Any]) -> str:
+    """The part of a status patch worth writing, as a canonical string: without timestamps
+    that move every poll. Idle queues then cost no write (and no watch event back to every
+    kopf operator); a string keeps a thousand daemons' memory of it small."""
     trimmed = {k: v for k, v in status.items() if k != "policy"}
     if isinstance(trimmed.get("lastDecision"), dict):
         trimmed["lastDecision"] = {k: v for k, v in trimmed["lastDecision"].items() if k != "at"}
-    return trimmed
+    return json.dumps(trimmed, sort_keys=True, default=str)
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)
 async def scale_loop(name: str, namespace: str, body: kopf.Body, stopped: kopf.DaemonStopped,
                      logger: kopf.Logger, **_: Any) -> None:
     """Poll the queue and scale the target until the EmailQueue goes away."""
-    status: dict[str, Any] = dict(body.status)
-    state = PolicyState.from_status(status.get("policy"))
+    state = PolicyState.from_status((body.status or {}).get("policy"))
+    # The poll needs only the previous conditions (for their transition times).
+    conditions_now = list((body.status or {}).get("conditions") or [])
     loop = asyncio.get_running_loop()
     next_at = loop.time()
-    written: dict[str, Any] | None = None
+    written: str | None = None
     written_at = float("-inf")
     try:
         while not stopped:
             CONTEXT.metrics.poll_lag.observe(max(0.0, loop.time() - next_at))
             # Our own last status, not the watched one: the watch may lag behind our patch.
-            snapshot = {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": status}
+            snapshot = {"metadata": dict(body.metadata), "spec": dict(body.spec),
+                        "status": {"conditions": conditions_now}}
             try:
                 result = await asyncio.to_thread(poll, snapshot, state, CONTEXT)
             except Exception as exc:  # an unexpected failure: report it, keep the loop alive
@@ -92,7 +96,7 @@ async def scale_loop(name: str, namespace: str, body: kopf.Body, stopped: kopf.D
                 next_at = loop.time()
                 continue
             state = result.state
-            status = {**status, **result.status}
+            conditions_now = result.status.get("conditions", conditions_now)
             summary = material(result.status)
             if summary != written or loop.time() - written_at >= STATUS_REFRESH_SECONDS:
                 try:
