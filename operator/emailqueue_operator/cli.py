@@ -29,31 +29,36 @@ def _run(argv: list[str]) -> int:
                         peering=args.peering, log_format=args.log_format, verbose=args.verbose)
 
 
+USAGE = """usage: emailqueue-operator {run,simulate,plan,version} [options]
+
+  run       watch EmailQueues and scale their workers (the operator)
+  simulate  replay a surge scenario against scaling policies
+  plan      recommend an EmailQueue for a peak rate and an SLO
+  version   print the version"""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"run": _run}
-    try:
-        from .sim import run_cli_simulate
-        commands["simulate"] = run_cli_simulate
-    except ImportError:
-        pass
-    try:
-        from .planner import run_cli_plan
-        commands["plan"] = run_cli_plan
-    except ImportError:
-        pass
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands and argv[0] != "version":
-        print(f"usage: emailqueue-operator {{{','.join([*commands, 'version'])}}} [options]\n\n"
-              "  run       watch EmailQueues and scale their workers (the operator)\n"
-              "  simulate  replay a surge scenario against scaling policies\n"
-              "  plan      recommend an EmailQueue for a peak rate and an SLO\n"
-              "  version   print the version", file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    if argv[0] == "version":
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if not argv or argv[0] not in ("run", "simulate", "plan", "version"):
+        print(USAGE, file=sys.stderr)
+        return 2
+    command, rest = argv[0], argv[1:]
+    if command == "version":
         print(__version__)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return commands[argv[0]](argv[1:])
+    if command == "run":
+        return _run(rest)
+    if command == "simulate":
+        from .sim import run_cli_simulate
+
+        return run_cli_simulate(rest)
+    from .planner import run_cli_plan
+
+    return run_cli_plan(rest)
 
 
 if __name__ == "__main__":
