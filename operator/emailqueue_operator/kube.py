@@ -18,11 +18,22 @@ from kubernetes.client.exceptions import ApiException
 GROUP, VERSION, PLURAL = "emailqueue.dev", "v1alpha1", "emailqueues"
 
 
-class TargetError(Exception):
+class _ReasonedError(Exception):
+    """An error whose `reason` becomes the condition's reason (CamelCase, like Kubernetes)."""
+
+    reason = "Error"
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+
+class TargetError(_ReasonedError):
     reason = "TargetNotFound"
 
 
-class SecretError(Exception):
+class SecretError(_ReasonedError):
     reason = "SecretNotFound"
 
 
@@ -69,9 +80,8 @@ def _apps() -> client.AppsV1Api:
 
 def _check_kind(kind: str) -> None:
     if kind not in ("Deployment", "StatefulSet"):
-        err = TargetError(f"scaleTargetRef.kind {kind!r} is not supported (Deployment or StatefulSet)")
-        err.reason = "TargetKindUnsupported"
-        raise err
+        raise TargetError(f"scaleTargetRef.kind {kind!r} is not supported (Deployment or StatefulSet)",
+                          "TargetKindUnsupported")
 
 
 def _target_from(kind: str, name: str, obj: Mapping[str, Any]) -> TargetScale:
@@ -122,9 +132,8 @@ class TargetCache:
                 except ApiException as exc:
                     if exc.status == 403:  # no list permission: fall back to one GET per target
                         return read_target(namespace, kind, name)
-                    err = TargetError(f"listing {kind}s in {namespace} failed: HTTP {exc.status} {exc.reason}")
-                    err.reason = "TargetUnreadable"
-                    raise err from None
+                    raise TargetError(f"listing {kind}s in {namespace} failed: HTTP {exc.status} {exc.reason}",
+                                      "TargetUnreadable") from None
                 self._lists[key] = cached
         target = cached[1].get(name)
         return target if target is not None else read_target(namespace, kind, name)
@@ -147,9 +156,8 @@ def read_target(namespace: str, kind: str, name: str) -> TargetScale:
     except ApiException as exc:
         if exc.status == 404:
             raise TargetError(f"{kind} {namespace}/{name} not found") from None
-        err = TargetError(f"reading {kind} {namespace}/{name} failed: HTTP {exc.status} {exc.reason}")
-        err.reason = "TargetUnreadable"
-        raise err from None
+        raise TargetError(f"reading {kind} {namespace}/{name} failed: HTTP {exc.status} {exc.reason}",
+                          "TargetUnreadable") from None
     return _target_from(kind, name, obj)
 
 
@@ -165,9 +173,8 @@ def scale_target(namespace: str, kind: str, name: str, replicas: int) -> None:
             _drain(apps.patch_namespaced_stateful_set_scale(name, namespace, body, _request_timeout=10,
                                                             _preload_content=False))
     except ApiException as exc:
-        err = TargetError(f"scaling {kind} {namespace}/{name} to {replicas} failed: HTTP {exc.status} {exc.reason}")
-        err.reason = "ScaleFailed"
-        raise err from None
+        raise TargetError(f"scaling {kind} {namespace}/{name} to {replicas} failed: HTTP {exc.status} {exc.reason}",
+                          "ScaleFailed") from None
 
 
 class SecretCache:
@@ -189,9 +196,8 @@ class SecretCache:
         except ApiException as exc:
             if exc.status == 404:
                 raise SecretError(f"Secret {namespace}/{name} not found") from None
-            err = SecretError(f"reading Secret {namespace}/{name} failed: HTTP {exc.status} {exc.reason}")
-            err.reason = "SecretUnreadable"
-            raise err from None
+            raise SecretError(f"reading Secret {namespace}/{name} failed: HTTP {exc.status} {exc.reason}",
+                              "SecretUnreadable") from None
         data = {k: base64.b64decode(v).decode("utf-8", "replace") for k, v in (secret.data or {}).items()}
         data.update(secret.string_data or {})
         with self._lock:
@@ -205,9 +211,7 @@ class SecretCache:
 
 def secret_value(data: Mapping[str, str], namespace: str, name: str, key: str) -> str:
     if key not in data:
-        err = SecretError(f"Secret {namespace}/{name} has no key {key!r}")
-        err.reason = "SecretKeyMissing"
-        raise err
+        raise SecretError(f"Secret {namespace}/{name} has no key {key!r}", "SecretKeyMissing")
     return data[key]
 
 

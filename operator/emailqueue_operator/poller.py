@@ -82,9 +82,8 @@ def amqp_endpoint(spec: EmailQueueSpec, namespace: str, secrets: kube.SecretCach
     try:
         port = int(port_text) if port_text else (5671 if tls.enabled else 5672)
     except ValueError:
-        err = kube.SecretError(f"Secret {namespace}/{ref.name} key {ref.port_key!r} is not a port number")
-        err.reason = "SecretInvalid"
-        raise err from None
+        raise kube.SecretError(f"Secret {namespace}/{ref.name} key {ref.port_key!r} is not a port number",
+                               "SecretInvalid") from None
     return AmqpEndpoint(host=host.strip(), port=port, vhost=spec.broker.vhost,
                         username=kube.secret_value(data, namespace, ref.name, ref.username_key or "username"),
                         password=kube.secret_value(data, namespace, ref.name, ref.password_key or "password"),
