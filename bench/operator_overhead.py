@@ -170,7 +170,7 @@ def run(count: int, seconds: float, settle: float) -> dict[str, Any]:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-        # Finalizers stay on EmailQueues whose operator is gone; drop them so the namespace can go.
+        # Best effort: without a namespace controller (bare apiserver) it stays Terminating.
         subprocess.run([str(state.binary("kubectl")), "--kubeconfig", kubeconfig, "delete", "namespace", namespace,
                         "--wait=false"], capture_output=True)
         mgmt.delete_vhost(vhost)

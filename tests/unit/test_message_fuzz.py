@@ -13,7 +13,6 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -23,6 +22,8 @@ from hypothesis import strategies as st
 
 from email_worker.message import InvalidMessage, ParseOptions, build_email, parse_message
 
+from .test_message import Props
+
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 BASE_HEADERS = {"message-id", "date", "from", "to", "subject", "mime-version", "content-type",
@@ -30,14 +31,6 @@ BASE_HEADERS = {"message-id", "date", "from", "to", "subject", "mime-version", "
 # Characters that end a header line somewhere (SMTP, Python's email, mail clients).
 SPLITTERS = ["\r", "\n", "\r\n", "\x85", "\u2028", "\u2029", "\x0b", "\x0c", "\x00", ":", " ", "\t"]
 
-
-@dataclass
-class Props:
-    content_type: str | None = "application/json"
-    content_encoding: str | None = None
-    message_id: str | None = None
-    timestamp: int | None = None
-    headers: dict[str, Any] | None = None
 
 
 json_values = st.recursive(
