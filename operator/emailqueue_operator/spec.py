@@ -28,6 +28,7 @@ from croniter import croniter
 
 __all__ = [
     "AGGREGATES",
+    "METRICS_SOURCES",
     "AmqpSecretRef",
     "BehaviorSpec",
     "BrokerSpec",
@@ -56,6 +57,7 @@ __all__ = [
 
 TARGET_KINDS: Final = ("Deployment", "StatefulSet")
 AGGREGATES: Final = ("sum", "max", "avg")
+METRICS_SOURCES: Final = ("auto", "amqp", "management", "prometheus")
 SELECT_POLICIES: Final = ("Max", "Min", "Disabled")
 POLICY_TYPES: Final = ("Pods", "Percent")
 FALLBACK_MODES: Final = ("static", "currentIfHigher")
@@ -136,7 +138,21 @@ class BrokerSpec:
     vhost: str = "/"
     amqp_secret_ref: AmqpSecretRef | None = None
     management_secret_ref: ManagementSecretRef | None = None
+    prometheus_secret_ref: ManagementSecretRef | None = None
+    """RabbitMQ's Prometheus plugin (same Secret shape as the management API's)."""
+    metrics_source: str = "auto"
     tls: TlsSpec = field(default_factory=TlsSpec)
+
+    @property
+    def source(self) -> str:
+        """The metrics source in effect: ``auto`` resolved to prometheus, management or amqp."""
+        if self.metrics_source != "auto":
+            return self.metrics_source
+        if self.prometheus_secret_ref is not None:
+            return "prometheus"
+        if self.management_secret_ref is not None:
+            return "management"
+        return "amqp"
 
 
 @dataclass(frozen=True)
@@ -480,18 +496,17 @@ def _parse_broker(r: _Reader, spec: Mapping[str, Any], policy_only: bool) -> Bro
         if (amqp.username_key is None) != (amqp.password_key is None):
             r.problem(apath, "set usernameKey and passwordKey together")
 
-    mgmt: ManagementSecretRef | None = None
-    mm = r.section(m, "managementSecretRef", path)
-    if mm:
-        mpath = f"{path}.managementSecretRef"
-        mgmt = ManagementSecretRef(
-            name=r.string(mm, "name", mpath) or "",
-            url_key=r.string(mm, "urlKey", mpath) or "",
-            username_key=r.string(mm, "usernameKey", mpath, default=None),
-            password_key=r.string(mm, "passwordKey", mpath, default=None),
-        )
-        if (mgmt.username_key is None) != (mgmt.password_key is None):
-            r.problem(mpath, "set usernameKey and passwordKey together")
+    mgmt = _parse_http_ref(r, m, "managementSecretRef", path)
+    prom = _parse_http_ref(r, m, "prometheusSecretRef", path)
+    source = r.enum(m, "metricsSource", path, METRICS_SOURCES, "auto")
+    if queue_regex is not None and mgmt is None and prom is None:
+        r.problem(f"{path}.queueRegex", "needs managementSecretRef or prometheusSecretRef (AMQP cannot list queues)")
+    if source == "management" and mgmt is None:
+        r.problem(f"{path}.metricsSource", "management needs broker.managementSecretRef")
+    if source == "prometheus" and prom is None:
+        r.problem(f"{path}.metricsSource", "prometheus needs broker.prometheusSecretRef")
+    if source == "amqp" and queue_regex is not None:
+        r.problem(f"{path}.metricsSource", "amqp watches one queue; set broker.queue, not queueRegex")
 
     tm = r.section(m, "tls", path)
     tpath = f"{path}.tls"
@@ -511,8 +526,27 @@ def _parse_broker(r: _Reader, spec: Mapping[str, Any], policy_only: bool) -> Bro
         vhost=r.string(m, "vhost", path, default="/"),
         amqp_secret_ref=amqp,
         management_secret_ref=mgmt,
+        prometheus_secret_ref=prom,
+        metrics_source=source,
         tls=tls,
     )
+
+
+def _parse_http_ref(r: _Reader, broker: Mapping[str, Any], key: str, path: str) -> ManagementSecretRef | None:
+    """A Secret reference to an HTTP endpoint (management API or Prometheus plugin)."""
+    mm = r.section(broker, key, path)
+    if not mm:
+        return None
+    mpath = f"{path}.{key}"
+    ref = ManagementSecretRef(
+        name=r.string(mm, "name", mpath) or "",
+        url_key=r.string(mm, "urlKey", mpath) or "",
+        username_key=r.string(mm, "usernameKey", mpath, default=None),
+        password_key=r.string(mm, "passwordKey", mpath, default=None),
+    )
+    if (ref.username_key is None) != (ref.password_key is None):
+        r.problem(mpath, "set usernameKey and passwordKey together")
+    return ref
 
 
 def _parse_replicas(r: _Reader, spec: Mapping[str, Any]) -> ReplicaBounds:

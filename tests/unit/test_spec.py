@@ -183,6 +183,18 @@ def test_full_spec_parses_into_typed_values() -> None:
             ),
             ["spec.schedule[1].name: duplicate schedule name 'a'"],
         ),
+        # metrics sources (KEDA rejects a regex without the HTTP API at parse time too)
+        (with_(broker={"queueRegex": "e.*", "amqpSecretRef": AMQP}),
+         ["spec.broker.queueRegex: needs managementSecretRef or prometheusSecretRef"]),
+        (with_(broker={"queue": "q", "amqpSecretRef": AMQP, "metricsSource": "prometheus"}),
+         ["spec.broker.metricsSource: prometheus needs broker.prometheusSecretRef"]),
+        (with_(broker={"queue": "q", "amqpSecretRef": AMQP, "metricsSource": "management"}),
+         ["spec.broker.metricsSource: management needs broker.managementSecretRef"]),
+        (with_(broker={"queue": "q", "amqpSecretRef": AMQP, "metricsSource": "statsd"}),
+         ["spec.broker.metricsSource"]),
+        (with_(broker={"queue": "q", "amqpSecretRef": AMQP, "prometheusSecretRef": {"name": "p", "urlKey": "u",
+                                                                                     "usernameKey": "x"}}),
+         ["spec.broker.prometheusSecretRef: set usernameKey and passwordKey together"]),
         # wrong shapes
         (with_(replicas=[1, 2]), ["spec.replicas: must be an object"]),
         (with_(paused="yes"), ["spec.paused: must be true or false"]),
@@ -201,7 +213,7 @@ def test_all_problems_are_reported_together() -> None:
         replicas={"min": -1, "max": 0},
         target={"startupSeconds": -5},
         behavior={"tolerance": 2},
-        broker={"queueRegex": "(", "amqpSecretRef": AMQP},
+        broker={"queueRegex": "(", "amqpSecretRef": AMQP, "managementSecretRef": {"name": "m", "urlKey": "url"}},
     )
     with pytest.raises(SpecError) as caught:
         parse_spec(spec)
@@ -259,3 +271,23 @@ def test_overlapping_campaigns_add_up() -> None:
     )
     assert spec.scheduled_rate(TUESDAY_8AM + 60, 0.0) == 130.0
     assert spec.scheduled_rate(TUESDAY_8AM + 900, 0.0) == 100.0
+
+
+@pytest.mark.parametrize(
+    "broker, source",
+    [
+        # auto prefers the Prometheus plugin, then the management API, then AMQP
+        ({}, "amqp"),
+        ({"managementSecretRef": {"name": "m", "urlKey": "url"}}, "management"),
+        ({"prometheusSecretRef": {"name": "p", "urlKey": "url"}}, "prometheus"),
+        ({"managementSecretRef": {"name": "m", "urlKey": "url"}, "prometheusSecretRef": {"name": "p", "urlKey": "url"}},
+         "prometheus"),
+        # an explicit choice wins over auto
+        ({"managementSecretRef": {"name": "m", "urlKey": "url"}, "prometheusSecretRef": {"name": "p", "urlKey": "url"},
+          "metricsSource": "management"}, "management"),
+        ({"managementSecretRef": {"name": "m", "urlKey": "url"}, "metricsSource": "amqp"}, "amqp"),
+    ],
+)
+def test_metrics_source_resolves(broker: dict[str, Any], source: str) -> None:
+    spec = parse_spec(with_(broker={"queue": "q", "amqpSecretRef": AMQP, **broker}))
+    assert spec.broker.source == source
