@@ -143,8 +143,35 @@ def _rate(queue: Mapping[str, Any], key: str) -> float | None:
     return float(details["rate"]) if details and "rate" in details else None
 
 
+class MetricsUnavailable(BrokerError):
+    """The broker answered, but not with numbers the operator can trust (blind, never zero)."""
+
+    reason = "MetricsUnavailable"
+
+
+# Queue states whose counts are live. Anything else (down, crashed, stopped, minority,
+# terminated, a state a newer broker invents) is not a measurement.
+LIVE_QUEUE_STATES = frozenset({"running", "flow", "idle"})
+
+
 def stats_from_management(queues: list[Mapping[str, Any]], how: str, now: float) -> QueueStats:
-    """Aggregate management-API queue objects into one QueueStats (pure)."""
+    """Aggregate management-API queue objects into one QueueStats (pure).
+
+    Raises MetricsUnavailable when a queue lacks its counts (the broker's metrics
+    collector is disabled: ``management_agent.disable_metrics_collector = true``) or is
+    not running: an absent count is unknown, not zero.
+    """
+    for queue in queues:
+        name = queue.get("name")
+        state = queue.get("state")
+        if state is not None and state not in LIVE_QUEUE_STATES:
+            raise MetricsUnavailable(f"queue {name!r} is {state}, its counts are not live")
+        missing = [key for key in ("messages_ready", "messages_unacknowledged") if not _is_count(queue.get(key))]
+        if missing:
+            raise MetricsUnavailable(
+                f"the management API gives no {'/'.join(missing)} for queue {name!r} (metrics collection disabled "
+                "on the broker? use broker.prometheusSecretRef with the rabbitmq_prometheus plugin)")
+
     def agg_int(values: Iterable[float | None]) -> int | None:
         value = aggregate(values, how)
         return None if value is None else int(math.ceil(value))
@@ -153,7 +180,8 @@ def stats_from_management(queues: list[Mapping[str, Any]], how: str, now: float)
     for queue in queues:
         stamp = queue.get("head_message_timestamp")
         ages.append(max(0.0, now - float(stamp)) if isinstance(stamp, (int, float)) else None)
-    # Without any publish stats the rate is 0, not unknown: the queue had no traffic.
+
+    # A queue object without message_stats had no traffic since it was declared: rates 0.
     def rate(key: str) -> float | None:
         values = [_rate(q, key) for q in queues]
         if all(v is None for v in values):
@@ -161,12 +189,16 @@ def stats_from_management(queues: list[Mapping[str, Any]], how: str, now: float)
         return aggregate(values, how)
 
     return QueueStats(
-        ready=agg_int(q.get("messages_ready", 0) for q in queues) or 0,
-        unacked=agg_int(q.get("messages_unacknowledged", 0) for q in queues),
-        consumers=agg_int(q.get("consumers", 0) for q in queues),
+        ready=agg_int(q["messages_ready"] for q in queues) or 0,
+        unacked=agg_int(q["messages_unacknowledged"] for q in queues),
+        consumers=agg_int(q.get("consumers") if _is_count(q.get("consumers")) else None for q in queues),
         publish_rate=rate("publish"), ack_rate=rate("ack"), deliver_rate=rate("deliver_get"),
         oldest_age_seconds=aggregate(ages, "max"),
         queues=tuple(sorted(str(q.get("name")) for q in queues)), source="management")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 # --- AMQP -------------------------------------------------------------------------
@@ -291,7 +323,7 @@ class ManagementProbe:
     on one vhost cost one request per interval, not one each.
     """
 
-    COLUMNS = "name,messages_ready,messages_unacknowledged,consumers,message_stats,head_message_timestamp"
+    COLUMNS = "name,state,messages_ready,messages_unacknowledged,consumers,message_stats,head_message_timestamp"
 
     def __init__(self, endpoint: ManagementEndpoint, timeout: float = 5.0, cache_seconds: float = 1.0,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
@@ -333,8 +365,17 @@ class ManagementProbe:
             if resp.status_code >= 400:
                 self._backoff.failed(f"HTTP {resp.status_code}")
                 raise BrokerError(f"management API {self.endpoint.display}: HTTP {resp.status_code}")
+            try:
+                queues = resp.json()
+            except ValueError:
+                self._backoff.failed("not JSON")
+                raise BrokerError(f"management API {self.endpoint.display} answered HTTP {resp.status_code} "
+                                  f"with a body that is not JSON ({resp.headers.get('content-type', 'no content type')})"
+                                  ) from None
+            if not isinstance(queues, list) or not all(isinstance(q, dict) for q in queues):
+                self._backoff.failed("unexpected JSON")
+                raise BrokerError(f"management API {self.endpoint.display}: /api/queues did not return a list of queues")
             self._backoff.succeeded()
-            queues = resp.json()
             self._cache[vhost] = (self.clock(), queues)
             return queues
 

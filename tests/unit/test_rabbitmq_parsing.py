@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from emailqueue_operator.rabbitmq import AmqpEndpoint, BrokerError, _Backoff, aggregate, stats_from_management
+from emailqueue_operator.rabbitmq import (AmqpEndpoint, BrokerError, MetricsUnavailable, _Backoff, aggregate,
+                                          stats_from_management)
 
 
 @pytest.mark.parametrize("uri, host, port, vhost, user, password", [
@@ -57,8 +58,31 @@ def test_stats_from_management_aggregates_regex_matches():
 
 
 def test_queue_without_traffic_has_zero_rates_not_unknown():
-    stats = stats_from_management([{"name": "q", "messages_ready": 0}], "sum", now=0.0)
+    stats = stats_from_management([{"name": "q", "messages_ready": 0, "messages_unacknowledged": 0}], "sum", now=0.0)
     assert stats.publish_rate == 0.0 and stats.ack_rate == 0.0
+
+
+@pytest.mark.parametrize("queue, why", [
+    # management_agent.disable_metrics_collector = true: name, vhost, arguments, no counts
+    ({"name": "q", "state": "running"}, "no messages_ready/messages_unacknowledged"),
+    ({"name": "q", "messages_ready": 5}, "no messages_unacknowledged"),
+    ({"name": "q", "messages_ready": None, "messages_unacknowledged": 0}, "no messages_ready"),
+    ({"name": "q", "messages_ready": "7", "messages_unacknowledged": 0}, "no messages_ready"),
+    ({"name": "q", "messages_ready": -1, "messages_unacknowledged": 0}, "no messages_ready"),
+    # a queue that is not running reports counts that are not live
+    ({"name": "q", "state": "down", "messages_ready": 0, "messages_unacknowledged": 0}, "is down"),
+    ({"name": "q", "state": "crashed", "messages_ready": 0, "messages_unacknowledged": 0}, "is crashed"),
+    ({"name": "q", "state": "minority", "messages_ready": 3, "messages_unacknowledged": 0}, "is minority"),
+])
+def test_counts_that_are_not_measurements_are_blind_never_zero(queue, why):
+    with pytest.raises(MetricsUnavailable, match=why):
+        stats_from_management([queue], "sum", now=0.0)
+
+
+def test_missing_consumers_is_unknown_not_zero():
+    stats = stats_from_management([{"name": "q", "state": "running", "messages_ready": 4, "messages_unacknowledged": 1}],
+                                  "sum", now=0.0)
+    assert stats.consumers is None and stats.ready == 4 and stats.unacked == 1
 
 
 def test_backoff_spaces_attempts():
