@@ -4,6 +4,9 @@ A counter is sampled as (t, value) pairs in the caller's clock; `counter_rate` t
 samples into a per-second rate over a window the way Prometheus' `rate()` does without
 extrapolation: a value lower than the one before it means the counter was reset, and the
 new value is the increase since the reset.
+
+`counter_rate_window(poll_seconds)` is the window the operator (prometheus metrics source)
+and the simulator (`sim.py`, observation mode `prometheus`) both average counters over.
 """
 from __future__ import annotations
 
@@ -12,6 +15,18 @@ from typing import Sequence
 # The two samples a rate is taken between must lie at least this fraction of the window
 # apart: a rate over a sliver of the window (two scrapes a second apart) is mostly noise.
 MIN_SPAN_FRACTION = 0.5
+
+# A counter rate spans at least this many polls, so one late or lost scrape still leaves a
+# rate, ...
+RATE_WINDOW_POLLS = 2
+# ... and never less than this: RabbitMQ refreshes queue counters on its 5 s stats tick
+# (`collect_statistics_interval`), so a shorter window sees one tick's jump or nothing.
+RATE_WINDOW_MIN_SECONDS = 10.0
+
+
+def counter_rate_window(poll_seconds: float) -> float:
+    """Seconds a counter rate is taken over at this poll interval: max(2 × poll, 10 s)."""
+    return max(RATE_WINDOW_POLLS * float(poll_seconds), RATE_WINDOW_MIN_SECONDS)
 
 
 def counter_increase(values: Sequence[float]) -> float:
