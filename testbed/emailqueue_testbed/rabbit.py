@@ -1,9 +1,19 @@
-"""A RabbitMQ node of the test bed's own (Debian's rabbitmq-server).
+"""A RabbitMQ node of the test bed's own (Debian's rabbitmq-server), in one of the
+broker matrix's variants (`VARIANTS`).
 
 Runs `/usr/lib/rabbitmq/bin/rabbitmq-server` directly (the /usr/sbin wrapper
 switches to the rabbitmq user, which cannot write a root-owned data dir) with its
 own node name, epmd port, AMQP/management/prometheus ports, data dir and an admin
-user, so it never touches a system RabbitMQ.
+user, so it never touches a system RabbitMQ. Every listener (AMQP, HTTP, epmd, Erlang
+distribution) is bound to 127.0.0.1.
+
+The "4.0" variant runs Debian trixie's rabbitmq-server in the root that
+testbed/build-rabbitmq4.sh debootstraps: each of its processes (epmd, the server,
+rabbitmqctl) starts in a private mount namespace that mounts /proc, a minimal /dev, a
+/tmp and the node's data dir into a read-only view of the root, then chroots. The
+mounts exist only in that namespace and vanish with its last process; the host's mount
+table never sees them. The chroot shares the host's network namespace, so the node is
+reached on 127.0.0.1 like the others.
 """
 from __future__ import annotations
 
@@ -17,6 +27,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +36,87 @@ from . import state
 COMPONENT = "rabbitmq"
 SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 CTL = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
+EPMD = Path("/usr/bin/epmd")
+# Where a chrooted node sees its data dir (the build script creates the mount point).
+ROOT_DATA_DIR = Path("/var/lib/eqtb")
+# Erlang distribution (the node's and rabbitmqctl's) listens on loopback only.
+_LOOPBACK_DIST = "-kernel inet_dist_use_interface {127,0,0,1}"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One broker of the test bed's matrix."""
+
+    name: str
+    """What `up(variant=...)` and the tests call it: "3.10", "3.10-nocollector", "4.0"."""
+    component: str
+    """The component (state file, data dir, ports) a node of this variant runs as by default."""
+    metrics_collector: bool = True
+    """False sets `management_agent.disable_metrics_collector = true` (the setup RabbitMQ
+    recommends with its Prometheus plugin): the management API still answers, but its queue
+    objects carry no message counts or rates; only /metrics/detailed has them."""
+    in_root: bool = False
+    """True: Debian $RABBITMQ4_SUITE's rabbitmq-server in the root build-rabbitmq4.sh makes;
+    False: the host's rabbitmq-server (Debian bookworm's 3.10.8)."""
+
+    def version(self) -> str:
+        """The RabbitMQ version the node reports in /api/overview."""
+        return state.versions()["RABBITMQ4_DEB_VERSION"] if self.in_root else HOST_VERSION
+
+
+HOST_VERSION = "3.10.8"
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("3.10", COMPONENT),
+    Variant("3.10-nocollector", "rabbitmq-nocollector", metrics_collector=False),
+    Variant("4.0", "rabbitmq4", in_root=True),
+)}
+
+
+def rootfs() -> Path:
+    """The built root the "4.0" variant runs in (testbed/build-rabbitmq4.sh, cached by version)."""
+    pins = state.versions()
+    root = state.CACHE_DIR / "rootfs" / f"{pins['RABBITMQ4_SUITE']}-rabbitmq-{pins['RABBITMQ4_DEB_VERSION']}"
+    if not (root / ".eqtb-complete").exists():
+        raise state.TestbedError(f"{root} is not built: run `make testbed-brokers` (testbed/build-rabbitmq4.sh)")
+    return root
+
+
+# Runs "$@" chrooted into $1 with $2 as its data dir; started by `unshare --mount`, so every
+# mount here is private to this process tree. The root itself is seen read-only: nodes share it.
+_CHROOT = r"""
+set -e
+root=$1 data=$2 inner=$3; shift 3
+mount --bind "$root" "$root"
+mount -o remount,bind,ro "$root"
+mount -t proc -o nosuid,nodev,noexec proc "$root/proc"
+mount -t tmpfs -o mode=0755,size=256k,nosuid tmpfs "$root/dev"
+for dev in null zero full random urandom; do
+  : >"$root/dev/$dev"
+  mount --bind "/dev/$dev" "$root/dev/$dev"
+done
+ln -s /proc/self/fd "$root/dev/fd"
+mount -t tmpfs -o mode=1777,size=64m,nosuid,nodev tmpfs "$root/tmp"
+mount --bind "$data" "$root$inner"
+exec chroot "$root" /bin/sh -c 'cd "$0" && exec "$@"' "$inner" "$@"
+"""
+
+
+def _argv(facts: dict[str, Any], program: Path) -> list[str]:
+    """argv that runs a RabbitMQ/Erlang program (server, rabbitmqctl, epmd) for this node."""
+    if not facts.get("root"):
+        return [str(program)]
+    return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", _CHROOT, "eqtb-chroot",
+            facts["root"], facts["base"], str(ROOT_DATA_DIR), str(program)]
 
 
 def node_env(facts: dict[str, Any]) -> dict[str, str]:
-    base = Path(facts["base"])
-    env = dict(os.environ)
+    """The node's environment; paths are as the node sees them (inside the root for "4.0")."""
+    if facts.get("root"):
+        base = ROOT_DATA_DIR
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+    else:
+        base = Path(facts["base"])
+        env = dict(os.environ)
     env.update({
         "HOME": str(base / "home"),
         "RABBITMQ_NODENAME": facts["node"],
@@ -40,13 +127,16 @@ def node_env(facts: dict[str, Any]) -> dict[str, str]:
         "RABBITMQ_DIST_PORT": str(facts["dist_port"]),
         "ERL_EPMD_PORT": str(facts["epmd_port"]),
         "RABBITMQ_PID_FILE": str(base / "rabbit.pid"),
+        "ERL_EPMD_ADDRESS": "127.0.0.1",
+        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": _LOOPBACK_DIST,
+        "RABBITMQ_CTL_ERL_ARGS": _LOOPBACK_DIST,
     })
     return env
 
 
 def ctl(facts: dict[str, Any], *args: str, timeout: float = 60) -> str:
     """Run rabbitmqctl against the test bed node."""
-    result = subprocess.run([str(CTL), "-n", facts["node"], *args], env=node_env(facts),
+    result = subprocess.run([*_argv(facts, CTL), "-n", facts["node"], *args], env=node_env(facts),
                             capture_output=True, text=True, timeout=timeout)
     if result.returncode:
         raise state.TestbedError(f"rabbitmqctl {' '.join(args)}: {result.stderr.strip() or result.stdout.strip()}")
@@ -124,16 +214,18 @@ def healthy(record: state.Record | None) -> bool:
     return management(record).overview_ok() and state.port_open(record.facts["amqp_port"])
 
 
-def up(timeout: float = 120.0, component: str = COMPONENT) -> state.Record:
-    """Start the node unless a healthy one is already running; returns its record.
+def up(timeout: float = 120.0, component: str = COMPONENT, variant: str = "3.10") -> state.Record:
+    """Start the node unless a healthy one of this variant is already running; returns its record.
 
     `component` names a separate node (own ports and data), e.g. for an outage test that
-    must not stop the broker other tests share.
+    must not stop the broker other tests share; `variant` picks the broker (`VARIANTS`).
     """
+    kind = VARIANTS[variant]
     record = state.load(component)
-    if healthy(record):
+    if healthy(record) and record.facts.get("variant", "3.10") == variant:
         return record
-    if not SERVER.exists():
+    root = rootfs() if kind.in_root else None
+    if root is None and not SERVER.exists():
         raise state.TestbedError("rabbitmq-server is not installed: run testbed/install-deps.sh")
     down(component)
     base = state.STATE_DIR / component
@@ -141,6 +233,7 @@ def up(timeout: float = 120.0, component: str = COMPONENT) -> state.Record:
     (base / "home").mkdir(parents=True)
     facts: dict[str, Any] = {
         "base": str(base), "node": f"eqtb-{component}-{os.getpid()}@localhost",
+        "variant": variant, "root": str(root) if root else None, "version": kind.version(),
         "amqp_port": state.free_port(), "mgmt_port": state.free_port(), "prom_port": state.free_port(),
         "dist_port": state.free_port(), "epmd_port": state.free_port(),
         # A password with characters that need escaping: the product must cope with them.
@@ -161,6 +254,7 @@ def up(timeout: float = 120.0, component: str = COMPONENT) -> state.Record:
         # Rates in the management API are what the operator reads; sample them often.
         "collect_statistics_interval = 1000",
         "management.rates_mode = basic",
+        *([] if kind.metrics_collector else ["management_agent.disable_metrics_collector = true"]),
         "vm_memory_high_watermark.relative = 0.2",
         "disk_free_limit.absolute = 50MB",
         "log.console = false",
@@ -169,11 +263,15 @@ def up(timeout: float = 120.0, component: str = COMPONENT) -> state.Record:
     ]))
     env = node_env(facts)
     logs = state.STATE_DIR / "logs"
-    epmd = shutil.which("epmd", path="/usr/lib/erlang/bin:/usr/bin:" + os.environ.get("PATH", "")) or "epmd"
-    epmd_pid = state.spawn([epmd, "-port", str(facts["epmd_port"])], logs / f"{component}-epmd.log", env=env)
+    if root is None:
+        epmd = shutil.which("epmd", path="/usr/lib/erlang/bin:/usr/bin:" + os.environ.get("PATH", "")) or "epmd"
+        epmd_argv = [epmd]
+    else:
+        epmd_argv = _argv(facts, EPMD)
+    epmd_pid = state.spawn([*epmd_argv, "-port", str(facts["epmd_port"])], logs / f"{component}-epmd.log", env=env)
     state.save(state.Record(component, (epmd_pid,), facts))
     state.wait_until(lambda: state.port_open(facts["epmd_port"]), 15, "epmd", log=logs / f"{component}-epmd.log")
-    server_pid = state.spawn([SERVER], logs / f"{component}.log", env=env, cwd=base)
+    server_pid = state.spawn(_argv(facts, SERVER), logs / f"{component}.log", env=env, cwd=base)
     record = state.Record(component, (epmd_pid, server_pid), facts)
     state.save(record)
     await_startup(facts, timeout, logs / f"{component}.log")
@@ -188,8 +286,8 @@ def stop_node(record: state.Record) -> None:
 
 def start_node(record: state.Record, timeout: float = 120.0) -> state.Record:
     facts = dict(record.facts)
-    pid = state.spawn([SERVER], state.STATE_DIR / "logs" / f"{record.component}.log", env=node_env(facts),
-                      cwd=facts["base"])
+    pid = state.spawn(_argv(facts, SERVER), state.STATE_DIR / "logs" / f"{record.component}.log",
+                      env=node_env(facts), cwd=facts["base"])
     new = state.Record(record.component, (record.pids[0], pid), facts)
     state.save(new)
     await_startup(facts, timeout, state.STATE_DIR / "logs" / f"{record.component}.log")
