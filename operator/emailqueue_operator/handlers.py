@@ -70,9 +70,21 @@ def material(status: dict[str, Any]) -> str:
     return json.dumps(trimmed, sort_keys=True, default=str)
 
 
+def target_key(namespace: str | None, spec: Any) -> tuple[str, str, str]:
+    ref = (spec or {}).get("scaleTargetRef") or {}
+    return (namespace or "", str(ref.get("kind") or "Deployment"), str(ref.get("name") or ""))
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def by_target(namespace: str, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any) -> dict[Any, Any]:
+    """EmailQueues by the workload they scale: (namespace, kind, name) → (created, name).
+    A watch keeps it current; a poll finds the other claimants of its target for free."""
+    return {target_key(namespace, spec): (str(meta.get("creationTimestamp") or ""), name)}
+
+
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)
 async def scale_loop(name: str, namespace: str, body: kopf.Body, stopped: kopf.DaemonStopped,
-                     logger: kopf.Logger, **_: Any) -> None:
+                     logger: kopf.Logger, by_target: kopf.Index[Any, Any], **_: Any) -> None:
     """Poll the queue and scale the target until the EmailQueue goes away."""
     state = PolicyState.from_status((body.status or {}).get("policy"))
     # The poll needs only the previous conditions (for their transition times).
@@ -87,9 +99,10 @@ async def scale_loop(name: str, namespace: str, body: kopf.Body, stopped: kopf.D
             # Our own last status, not the watched one: the watch may lag behind our patch.
             snapshot = {"metadata": dict(body.metadata), "spec": dict(body.spec),
                         "status": {"conditions": conditions_now}}
+            claims = list(by_target.get(target_key(namespace, body.spec), []))
             try:
-                result = await asyncio.to_thread(poll, snapshot, state, CONTEXT)
-            except Exception as exc:  # an unexpected failure: report it, keep the loop alive
+                result = await asyncio.to_thread(poll, snapshot, state, CONTEXT, claims)
+            except Exception as exc:  # a bug past gather's guard: report it, keep the loop alive
                 logger.exception("poll failed unexpectedly")
                 kopf.exception(body, reason="PollFailed", message=f"{type(exc).__name__}: {exc}")
                 await stopped.wait(30)

@@ -406,6 +406,7 @@ class BrokerPool:
         self._lock = threading.Lock()
         self._amqp: dict[AmqpEndpoint, AmqpProbe] = {}
         self._management: dict[ManagementEndpoint, ManagementProbe] = {}
+        self._prometheus: dict[Any, Any] = {}
 
     def amqp(self, endpoint: AmqpEndpoint) -> AmqpProbe:
         with self._lock:
@@ -421,13 +422,24 @@ class BrokerPool:
                 probe = self._management[endpoint] = ManagementProbe(endpoint)
             return probe
 
+    def prometheus(self, endpoint: Any) -> Any:
+        """The shared probe of one Prometheus plugin endpoint (rabbitmq_prometheus)."""
+        from .rabbitmq_prometheus import PrometheusProbe  # it builds on this module
+
+        with self._lock:
+            probe = self._prometheus.get(endpoint)
+            if probe is None:
+                probe = self._prometheus[endpoint] = PrometheusProbe(endpoint)
+            return probe
+
     def open_connections(self) -> int:
         with self._lock:
             return sum(1 for probe in self._amqp.values() if probe.connected)
 
     def close(self) -> None:
         with self._lock:
-            for probe in [*self._amqp.values(), *self._management.values()]:
+            for probe in [*self._amqp.values(), *self._management.values(), *self._prometheus.values()]:
                 probe.close()
             self._amqp.clear()
             self._management.clear()
+            self._prometheus.clear()
