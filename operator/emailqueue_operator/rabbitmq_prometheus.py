@@ -351,6 +351,12 @@ class _TlsAdapter(requests.adapters.HTTPAdapter):
             kwargs["server_hostname"] = self._tls.server_name
         super().init_poolmanager(*args, **kwargs)
 
+    def cert_verify(self, conn, url, verify, cert) -> None:  # type: ignore[override]
+        super().cert_verify(conn, url, verify, cert)
+        if self._tls.ca_pem and not self._tls.insecure_skip_verify:
+            # Trust exactly the CA given, not also the bundle requests would load into the context.
+            conn.ca_certs = conn.ca_cert_dir = None
+
 
 @dataclass
 class _Scope:
@@ -384,7 +390,8 @@ class PrometheusProbe:
             self._session.auth = (endpoint.username, endpoint.password or "")
         if endpoint.tls.enabled:
             self._session.mount("https://", _TlsAdapter(endpoint.tls))
-            self._session.verify = not endpoint.tls.insecure_skip_verify
+        # Passed with each request: a Session-level verify=False loses to REQUESTS_CA_BUNDLE.
+        self._verify = not (endpoint.tls.enabled and endpoint.tls.insecure_skip_verify)
         self._lock = threading.Lock()
         self._scopes: dict[str, _Scope] = {}
         self._backoff = _Backoff(clock=clock)
@@ -409,7 +416,7 @@ class PrometheusProbe:
         try:
             self.requests += 1
             resp = self._session.get(self.endpoint.metrics_url, params={"vhost": vhost, "family": list(self.families())},
-                                     timeout=self.timeout)
+                                     timeout=self.timeout, verify=self._verify)
         except requests.RequestException as exc:
             self._backoff.failed(type(exc).__name__)
             raise BrokerError(f"Prometheus endpoint {display} unreachable ({type(exc).__name__})") from None

@@ -2,14 +2,20 @@
 matches the pace a consumer really acks at, one scrape shared by many polls, failures."""
 from __future__ import annotations
 
+import http.server
+import shutil
+import ssl
 import statistics
+import subprocess
+import threading
 import time
 import urllib.parse
+from pathlib import Path
 
 import pika
 import pytest
 
-from emailqueue_operator.rabbitmq import BrokerError, QueueNotFound
+from emailqueue_operator.rabbitmq import BrokerError, QueueNotFound, TlsOptions
 from emailqueue_operator.rabbitmq_prometheus import PrometheusEndpoint, PrometheusProbe
 
 pytestmark = pytest.mark.integration
@@ -133,3 +139,65 @@ def test_unreachable_endpoint_is_an_error_and_backs_off():
     with pytest.raises(BrokerError, match="next attempt in"):
         probe.queue_stats("/", "emails")
     assert probe.requests == 1
+
+
+CAPTURE = Path(__file__).parents[1] / "unit" / "data" / "prometheus" / "rabbitmq-3.10.8-detailed.txt"
+
+
+@pytest.fixture
+def https_metrics(tmp_path):
+    """A loopback HTTPS server that serves a captured scrape under a self-signed
+    certificate for rabbit.internal; yields (url, ca_pem)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=rabbit.internal", "-addext", "subjectAltName=DNS:rabbit.internal"],
+                   check=True, capture_output=True)
+    body = CAPTURE.read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"https://127.0.0.1:{server.server_port}", cert.read_text()
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(("tls", "works"), [
+    # the CA from the Secret (PEM, not a file) and the name the certificate carries
+    (lambda ca: TlsOptions(True, ca, "rabbit.internal"), True),
+    # same CA, but the certificate is not for 127.0.0.1
+    (lambda ca: TlsOptions(True, ca), False),
+    # the system bundle (even REQUESTS_CA_BUNDLE) does not trust a self-signed certificate
+    (lambda ca: TlsOptions(True), False),
+    # the right CA but another name
+    (lambda ca: TlsOptions(True, ca, "other.internal"), False),
+    # insecureSkipVerify wins over REQUESTS_CA_BUNDLE in the environment
+    (lambda ca: TlsOptions(True, insecure_skip_verify=True), True),
+])
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+def test_tls_options(https_metrics, tls, works, monkeypatch):
+    import certifi
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certifi.where())
+    url, ca = https_metrics
+    probe = PrometheusProbe(PrometheusEndpoint(url, "operator", "s3cr3t-pw", tls(ca)))
+    if works:
+        assert probe.queue_stats("t-prom-capture", "emails").ready == 25
+    else:
+        with pytest.raises(BrokerError, match=r"unreachable \(SSLError\)") as exc:
+            probe.queue_stats("t-prom-capture", "emails")
+        assert "s3cr3t-pw" not in str(exc.value)
