@@ -238,8 +238,8 @@ def _queue_of(labels: Mapping[str, str], vhost_label: str, name: str) -> tuple[s
 
 
 def select_queues(names: Iterable[str], queue: str | None = None, queue_regex: str | None = None) -> list[str]:
-    """The queue names an EmailQueue watches: `queue` exactly, or every name `queue_regex`
-    matches in full (`re.fullmatch`, as ManagementProbe does); sorted."""
+    """The queue names an EmailQueue watches: every name `queue_regex` matches in full
+    (`re.fullmatch`, as ManagementProbe does), else `queue` exactly; sorted."""
     if queue_regex is not None:
         pattern = re.compile(queue_regex)
         return sorted(n for n in names if pattern.fullmatch(n))
@@ -462,14 +462,15 @@ class PrometheusProbe:
         """Gauges of the queue (or of the queues `queue_regex` matches, aggregated by `how`)
         and publish/ack/deliver rates over `window_seconds` (None until the probe has two
         scrapes of the queue far enough apart). Callers pass `rates.counter_rate_window(poll)`."""
-        if (queue is None) == (queue_regex is None):
-            raise ValueError("give exactly one of queue and queue_regex")
         self._longest_window = max(self._longest_window, window_seconds)
         scope = self._scope(vhost)
         with scope.lock:  # one scrape in flight per vhost; the others wait for its answer
             scrape = self._scrape(vhost, scope)
-            names = select_queues([q for v, q in scrape.queues if v == vhost], queue, queue_regex)
             display = self.endpoint.display
+            try:
+                names = select_queues([q for v, q in scrape.queues if v == vhost], queue, queue_regex)
+            except re.error:
+                raise BrokerError(f"queueRegex {queue_regex!r} is not a valid regular expression") from None
             if not names:
                 if queue_regex is not None:
                     raise QueueNotFound(f"no queue matches {queue_regex!r} in vhost {vhost!r} on {display}")

@@ -400,3 +400,8 @@ def test_no_username_sends_no_auth():
     probe._session.mount("http://", adapter)
     probe.queue_stats("v", "emails")
     assert "Authorization" not in adapter.sent[0].headers
+
+
+def test_invalid_regex_is_a_broker_error():
+    with pytest.raises(BrokerError, match="not a valid regular expression"):
+        _probe(_Static(200, SCRAPE_310)).queue_stats("v", queue_regex="emails-(")
