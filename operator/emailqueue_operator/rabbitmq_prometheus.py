@@ -415,8 +415,8 @@ class PrometheusProbe:
         self._backoff.check(display)
         try:
             self.requests += 1
-            resp = self._session.get(self.endpoint.metrics_url, params={"vhost": vhost, "family": list(self.families())},
-                                     timeout=self.timeout, verify=self._verify)
+            resp = self._session.get(self.endpoint.metrics_url, timeout=self.timeout, verify=self._verify,
+                                     params={"vhost": vhost, "family": list(self.families())})
         except requests.RequestException as exc:
             self._backoff.failed(type(exc).__name__)
             raise BrokerError(f"Prometheus endpoint {display} unreachable ({type(exc).__name__})") from None
@@ -425,12 +425,14 @@ class PrometheusProbe:
             raise BrokerAuthError(f"Prometheus endpoint {display}: HTTP {resp.status_code} for the configured user")
         if resp.status_code >= 400:
             self._backoff.failed(f"HTTP {resp.status_code}")
-            raise BrokerError(f"Prometheus endpoint {display}: HTTP {resp.status_code}")
+            hint = " (is it the rabbitmq_prometheus listener, port 15692?)" if resp.status_code == 404 else ""
+            raise BrokerError(f"Prometheus endpoint {display}: HTTP {resp.status_code}{hint}")
         try:
             return resp.text
         except Exception as exc:  # undecodable body: not what the plugin sends
             self._backoff.failed(type(exc).__name__)
-            raise ScrapeUnparseable(f"Prometheus endpoint {display} sent an unreadable body ({type(exc).__name__})") from None
+            raise ScrapeUnparseable(f"Prometheus endpoint {display} sent an unreadable body "
+                                    f"({type(exc).__name__})") from None
 
     def _scrape(self, vhost: str, scope: _Scope) -> Scrape:
         """The vhost's current scrape; called with scope.lock held."""
@@ -447,8 +449,8 @@ class PrometheusProbe:
                                     f"({type(exc).__name__}); is the URL the rabbitmq_prometheus listener?") from None
         if not scrape.gauges_declared:
             self._backoff.failed("no queue metrics")
-            raise MetricsMissing(f"Prometheus endpoint {display} is missing the queue gauges ({', '.join(GAUGES.values())}): "
-                                 "is it RabbitMQ's rabbitmq_prometheus plugin?")
+            raise MetricsMissing(f"Prometheus endpoint {display} is missing the queue gauges "
+                                 f"({', '.join(GAUGES.values())}): is it RabbitMQ's rabbitmq_prometheus plugin?")
         self._backoff.succeeded()
         now = self.clock()
         self._per_queue_counters = scrape.per_queue_counters

@@ -135,7 +135,8 @@ def test_nan_gauge_is_missing_not_a_number():
 
 def test_gauge_without_queue_label_is_a_parse_error():
     with pytest.raises(ValueError, match="label"):
-        parse_scrape('# TYPE rabbitmq_detailed_queue_messages_ready gauge\nrabbitmq_detailed_queue_messages_ready{vhost="v"} 1\n')
+        parse_scrape("# TYPE rabbitmq_detailed_queue_messages_ready gauge\n"
+                     'rabbitmq_detailed_queue_messages_ready{vhost="v"} 1\n')
 
 
 @pytest.mark.parametrize(("names", "queue", "regex", "selected"), [
@@ -294,6 +295,7 @@ HTML = "<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>Please l
     (_Static(200, b"\xff\xfe\x00garbage\x00"), BrokerError, "rabbit:15692"),
     (_Static(401, "unauthorized"), BrokerAuthError, "HTTP 401"),
     (_Static(503, "busy"), BrokerError, "HTTP 503"),
+    (_Static(404, "Unknown Registry"), BrokerError, "HTTP 404 \\(is it the rabbitmq_prometheus listener"),
     (_Static(200, "", error=requests.ConnectTimeout("http://operator:pr0m-s3cr3t@rabbit")), BrokerError,
      "unreachable \\(ConnectTimeout\\)"),
     (_Static(200, "", error=requests.ConnectionError("refused")), BrokerError, "unreachable"),
