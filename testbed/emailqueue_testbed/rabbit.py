@@ -101,6 +101,11 @@ exec chroot "$root" /bin/sh -c 'cd "$0" && exec "$@"' "$inner" "$@"
 """
 
 
+def _erlang_binary(text: str) -> str:
+    """An Erlang binary literal of text's UTF-8 bytes (no quoting rules to get wrong)."""
+    return "<<" + ",".join(str(byte) for byte in text.encode()) + ">>"
+
+
 def _argv(facts: dict[str, Any], program: Path) -> list[str]:
     """argv that runs a RabbitMQ/Erlang program (server, rabbitmqctl, epmd) for this node."""
     if not facts.get("root"):
@@ -124,6 +129,7 @@ def node_env(facts: dict[str, Any]) -> dict[str, str]:
         "RABBITMQ_LOG_BASE": str(base / "log"),
         "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
         "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
+        "RABBITMQ_ADVANCED_CONFIG_FILE": str(base / "advanced.config"),
         "RABBITMQ_DIST_PORT": str(facts["dist_port"]),
         "ERL_EPMD_PORT": str(facts["epmd_port"]),
         "RABBITMQ_PID_FILE": str(base / "rabbit.pid"),
@@ -181,9 +187,10 @@ class Management:
         return self.request("GET", f"/api/queues/{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(name, safe='')}")
 
 
-def await_startup(facts: dict[str, Any], timeout: float, log: Path) -> None:
+def await_startup(facts: dict[str, Any], timeout: float, log: Path, server_pid: int | None = None) -> None:
     """Wait for the node to boot. `rabbitmqctl await_startup` fails at once while the
-    Erlang node has not yet registered with epmd, so retry it until the deadline."""
+    Erlang node has not yet registered with epmd, so retry it until the deadline (or until
+    the server process, when given, has exited: a node that failed to boot)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -191,7 +198,7 @@ def await_startup(facts: dict[str, Any], timeout: float, log: Path) -> None:
                 timeout=timeout + 10)
             return
         except state.TestbedError as exc:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or (server_pid is not None and not state.alive(server_pid)):
                 tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:]) if log.exists() else ""
                 raise state.TestbedError(f"{exc}\n--- {log} ---\n{tail}") from None
             time.sleep(1)
@@ -248,8 +255,7 @@ def up(timeout: float = 120.0, component: str = COMPONENT, variant: str = "3.10"
         f"prometheus.tcp.port = {facts['prom_port']}",
         "prometheus.tcp.ip = 127.0.0.1",
         "loopback_users = none",
-        f"default_user = {facts['user']}",
-        f"default_pass = {facts['password']}",
+        # default_user/default_pass are in advanced.config (below).
         "default_user_tags.administrator = true",
         # Rates in the management API are what the operator reads; sample them often.
         "collect_statistics_interval = 1000",
@@ -261,6 +267,11 @@ def up(timeout: float = 120.0, component: str = COMPONENT, variant: str = "3.10"
         "log.file.level = warning",
         "",
     ]))
+    # Since 3.13 rabbitmq.conf parses `default_pass = a:b` as a tagged (encrypted) value,
+    # so a password with ':' would stop the node; Erlang terms take any bytes.
+    (base / "advanced.config").write_text(
+        f"[{{rabbit, [{{default_user, {_erlang_binary(facts['user'])}}}, "
+        f"{{default_pass, {_erlang_binary(facts['password'])}}}]}}].\n")
     env = node_env(facts)
     logs = state.STATE_DIR / "logs"
     if root is None:
@@ -274,14 +285,63 @@ def up(timeout: float = 120.0, component: str = COMPONENT, variant: str = "3.10"
     server_pid = state.spawn(_argv(facts, SERVER), logs / f"{component}.log", env=env, cwd=base)
     record = state.Record(component, (epmd_pid, server_pid), facts)
     state.save(record)
-    await_startup(facts, timeout, logs / f"{component}.log")
+    await_startup(facts, timeout, logs / f"{component}.log", server_pid)
     state.wait_until(lambda: healthy(record), 60, "RabbitMQ management API", log=logs / f"{component}.log")
     return record
 
 
+def _mount_namespace(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return None
+
+
+def _root_of(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/root")
+    except OSError:
+        return None
+
+
+def _kill_namespace(namespace: str | None, timeout: float = 10.0) -> None:
+    """SIGKILL every process left in a chrooted node's private mount namespace.
+
+    Port programs (memsup, inet_gethost, disk monitor shells) run in sessions of their own,
+    so killing the node's process group may miss them; the namespace holds all of them and
+    nothing else. It never is the host's namespace (guarded), so no unrelated process dies.
+    """
+    if namespace is None or namespace == _mount_namespace(os.getpid()):
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        members = [int(entry) for entry in os.listdir("/proc")
+                   if entry.isdigit() and _mount_namespace(int(entry)) == namespace and state.alive(int(entry))]
+        if not members:
+            return
+        for pid in members:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+    raise state.TestbedError(f"processes in mount namespace {namespace} did not exit")
+
+
+def _stop_pids(record: state.Record, pids: tuple[int, ...]) -> None:
+    """Stop process groups (last first) and, for a chrooted node, whatever their namespaces hold."""
+    root = record.facts.get("root")
+    # Only namespaces of live processes chrooted into this node's root (not a reused pid).
+    namespaces = [_mount_namespace(pid) for pid in pids if root and _root_of(pid) == root]
+    for pid in reversed(pids):
+        state.kill_group(pid)
+    for namespace in namespaces:
+        _kill_namespace(namespace)
+
+
 def stop_node(record: state.Record) -> None:
     """Stop only the broker (epmd stays), for outage tests; `start_node` brings it back."""
-    state.kill_group(record.pids[1])
+    _stop_pids(record, record.pids[1:2])
 
 
 def start_node(record: state.Record, timeout: float = 120.0) -> state.Record:
@@ -290,7 +350,7 @@ def start_node(record: state.Record, timeout: float = 120.0) -> state.Record:
                       env=node_env(facts), cwd=facts["base"])
     new = state.Record(record.component, (record.pids[0], pid), facts)
     state.save(new)
-    await_startup(facts, timeout, state.STATE_DIR / "logs" / f"{record.component}.log")
+    await_startup(facts, timeout, state.STATE_DIR / "logs" / f"{record.component}.log", pid)
     state.wait_until(lambda: healthy(new), 60, "RabbitMQ management API")
     return new
 
@@ -304,4 +364,5 @@ def down(component: str = COMPONENT) -> bool:
             ctl(record.facts, "stop", timeout=30)
     except (state.TestbedError, subprocess.TimeoutExpired):
         pass
+    _stop_pids(record, record.pids)
     return state.stop(component)
