@@ -31,6 +31,10 @@ deps: ## install system packages the test bed needs (rabbitmq-server), if missin
 testbed-bins: ## build kube-apiserver, kubectl, etcd, helm, promtool from pinned Go modules (cached)
 	testbed/build-bins.sh all
 
+.PHONY: testbed-brokers
+testbed-brokers: ## build the Debian trixie root for the RabbitMQ 4.0 broker of the test matrix (cached)
+	testbed/build-rabbitmq4.sh
+
 ##@ Demo
 .PHONY: demo
 demo: venv deps testbed-bins ## replay the 2023-09-20 surge live on the test bed; writes out/demo/report.json and surge.png
@@ -55,7 +59,7 @@ testbed-status: ## show which test bed components are running
 
 ##@ Test
 .PHONY: test
-test: venv deps testbed-bins ## run every test (unit, integration, e2e); starts what it needs
+test: venv deps testbed-bins testbed-brokers ## run every test (unit, integration, e2e); starts what it needs
 	$(PYTEST) tests
 
 .PHONY: test-unit

@@ -12,7 +12,7 @@ import subprocess
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import pytest
 
@@ -98,6 +98,21 @@ class RabbitMQ:
     def amqp_port(self) -> int:
         return self.record.facts["amqp_port"]
 
+    @property
+    def variant(self) -> str:
+        """Which broker of the matrix this is (`rabbit.VARIANTS`): "3.10", "3.10-nocollector", "4.0"."""
+        return self.record.facts.get("variant", "3.10")
+
+    @property
+    def version(self) -> str:
+        """The RabbitMQ version the node reports (3.10.8, 4.0.5)."""
+        return self.record.facts.get("version", rabbit.HOST_VERSION)
+
+    @property
+    def prom_url(self) -> str:
+        """The Prometheus plugin's base URL (/metrics, /metrics/detailed, /metrics/per-object)."""
+        return f"http://127.0.0.1:{self.record.facts['prom_port']}"
+
     def amqp_url(self, vhost: str = "/") -> str:
         return rabbit.amqp_url(self.record, vhost)
 
@@ -138,6 +153,60 @@ def vhost(rabbitmq: RabbitMQ) -> Iterator[str]:
         mgmt.delete_vhost(name)
     except OSError:
         pass  # the broker may be down after an outage test; the node is throwaway
+
+
+# --- The broker matrix: the same RabbitMQ dataclass for every variant -------------
+
+def _broker(request: pytest.FixtureRequest, variant: str) -> state.Record:
+    """Start (or reuse) a broker of the matrix for the session; stop it at the end if we started it."""
+    component = rabbit.VARIANTS[variant].component
+    record = state.load(component)
+    started = not (rabbit.healthy(record) and record.facts.get("variant", "3.10") == variant)
+    record = rabbit.up(component=component, variant=variant)
+    if started and not os.environ.get("EQ_TESTBED_KEEP"):
+        request.addfinalizer(lambda: rabbit.down(component))
+    return record
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_nocollector(request: pytest.FixtureRequest) -> RabbitMQ:
+    """RabbitMQ 3.10.8 with `management_agent.disable_metrics_collector = true`: the management
+    API lists queues without counts or rates; the Prometheus endpoint has them."""
+    return RabbitMQ(_broker(request, "3.10-nocollector"))
+
+
+@pytest.fixture(scope="session")
+def rabbitmq4(request: pytest.FixtureRequest) -> RabbitMQ:
+    """RabbitMQ 4.0.x (Debian trixie, Erlang 27), chrooted in the root `make testbed-brokers` builds."""
+    return RabbitMQ(_broker(request, "4.0"))
+
+
+BROKERS = {"3.10": "rabbitmq", "3.10-nocollector": "rabbitmq_nocollector", "4.0": "rabbitmq4"}
+
+
+@pytest.fixture(scope="session", params=list(BROKERS))
+def any_broker(request: pytest.FixtureRequest) -> RabbitMQ:
+    """Each broker of the matrix in turn (tests using it run once per variant)."""
+    return request.getfixturevalue(BROKERS[request.param])
+
+
+class BrokerVhost(NamedTuple):
+    broker: RabbitMQ
+    name: str
+    amqp_url: str
+
+
+@pytest.fixture
+def broker_vhost(any_broker: RabbitMQ) -> Iterator[BrokerVhost]:
+    """An isolated vhost per test on each broker of the matrix: (broker, vhost name, its AMQP URL)."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    mgmt = any_broker.management()
+    mgmt.create_vhost(name, any_broker.mgmt_auth[0])
+    yield BrokerVhost(any_broker, name, any_broker.amqp_url(name))
+    try:
+        mgmt.delete_vhost(name)
+    except OSError:
+        pass
 
 
 # --- SMTP -------------------------------------------------------------------------

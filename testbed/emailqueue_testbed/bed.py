@@ -102,6 +102,10 @@ def write_env() -> Env | None:
 
 def down(components: tuple[str, ...] = COMPONENTS) -> list[str]:
     stopped = [name for name in components if _DOWN[name]()]
+    if "rabbitmq" in components:
+        # The broker matrix's other nodes (started by tests) go with the shared broker.
+        stopped += [v.component for v in rabbit.VARIANTS.values()
+                    if v.component != rabbit.COMPONENT and rabbit.down(v.component)]
     (state.STATE_DIR / "env").unlink(missing_ok=True)
     return stopped
 

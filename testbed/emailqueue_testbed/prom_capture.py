@@ -89,8 +89,9 @@ def capture(variant: str, out: Path) -> list[Path]:
         mgmt = rabbit.management(record)
         # Let the management collector (and the consumer's prefetch) settle before sampling.
         deadline = time.monotonic() + 20
+        ready = PUBLISHED - ACKED - PREFETCH
         queue = mgmt.queue(VHOST, QUEUE)
-        while time.monotonic() < deadline and kind.metrics_collector and queue.get("messages_ready") != PUBLISHED - ACKED - PREFETCH:
+        while time.monotonic() < deadline and kind.metrics_collector and queue.get("messages_ready") != ready:
             conn.process_data_events(time_limit=1)
             queue = mgmt.queue(VHOST, QUEUE)
         version = mgmt.request("GET", "/api/overview")["rabbitmq_version"]
@@ -99,7 +100,7 @@ def capture(variant: str, out: Path) -> list[Path]:
         header = (f"# Captured from RabbitMQ {version} ({variant}) by emailqueue_testbed.prom_capture:\n"
                   f"# vhost {VHOST!r}, queue {QUEUE!r}: {PUBLISHED} published, {ACKED} consumed and acked,\n"
                   f"# one consumer still attached with prefetch {PREFETCH} "
-                  f"(expect {PUBLISHED - ACKED - PREFETCH} ready, {PREFETCH} unacked).\n")
+                  f"(expect {ready} ready, {PREFETCH} unacked).\n")
         pages = {
             "detailed": (f"/metrics/detailed?{query}", lambda text: text),
             "per-object": ("/metrics/per-object", relevant_families),
