@@ -4,6 +4,7 @@ This module owns the reference policies (all implement `sim.Policy`):
 
 - `KedaQueueLength` — KEDA's RabbitMQ scaler in `QueueLength` mode behind an HPA
   (legacy behavior, i.e. no `behavior:` block in the ScaledObject);
+- `KedaMessageRate` — the same scaler in `MessageRate` mode;
 - `KedaExpectedConsumptionTime` — the same scaler in `ExpectedQueueConsumptionTime` mode;
 - `StaticFleet` — a fixed fleet (what ran on 2023-09-20);
 - `IdealReactive` — sees the true rate and backlog every second, no foresight: the bound
@@ -12,7 +13,17 @@ This module owns the reference policies (all implement `sim.Policy`):
   announced surges;
 - `OurPolicy` — our `scaling.decide`, fed UNCHANGED with the `Observation` the operator
   would build, its `PolicyState` carried between polls as the status would carry it;
-- `default_policies(scenario)` and `tune_keda_queue_length(scenario)`.
+- `default_policies(scenario, observation=...)` and `tune_keda_queue_length(scenario)`.
+
+Observation modes (`sim.OBSERVATION_MODES`): every realistic policy runs under the mode
+it is given (`observation` attribute). KEDA's RabbitMQ scaler reads the broker the way the
+mode allows: `QueueLength` over the HTTP API counts `messages` (ready + unacked: the
+`management` and `management-nocollector` modes; under `prometheus`, KEDA's Prometheus
+scaler on `rabbitmq_queue_messages`, the same count), over AMQP `message_count` (ready
+only: the `amqp` mode). `MessageRate` and `ExpectedQueueConsumptionTime` need the HTTP
+API's rates (`needs`), so they run only where the broker reports rates (`management`) and
+are listed as not applicable elsewhere, never fed a made-up rate. The static fleet and the
+two oracles read nothing observable (`mode_independent`) and run once.
 
 Where the constants come from (cited again next to each use):
 - KEDA ScaledObject docs: `pollingInterval` default 30 s, `cooldownPeriod` default 300 s
@@ -33,9 +44,9 @@ import copy
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
-from .sim import EPSILON, Policy, Scenario, SimView, simulate
+from .sim import DEFAULT_OBSERVATION, EPSILON, Policy, Scenario, SimView, observation_mode, simulate
 
 # KEDA / HPA defaults (see module docstring for sources).
 KEDA_POLLING_INTERVAL_S = 30.0
@@ -46,10 +57,6 @@ HPA_TOLERANCE = 0.1
 HPA_DOWNSCALE_STABILIZATION_S = 300.0
 HPA_SCALE_UP_LIMIT_FACTOR = 2
 HPA_SCALE_UP_LIMIT_MINIMUM = 4
-# RabbitMQ management API rates (publish_details.rate etc.) are computed over its
-# sample interval, 5 s by default (`collect_statistics_interval`).
-RABBITMQ_RATE_SAMPLE_S = 5.0
-
 # Tuning grid for keda-queuelength-tuned: QueueLength values a user might try.
 KEDA_TUNING_VALUES = (1.0, 2.0, 3.0, 5.0, 8.0, 10.0, 15.0, 20.0, 30.0, 50.0)
 
@@ -94,6 +101,7 @@ class _KedaBase:
     cooldown_period: float = KEDA_COOLDOWN_PERIOD_S
     name: str = "keda"
     poll_seconds: float = HPA_SYNC_PERIOD_S
+    observation: str = DEFAULT_OBSERVATION
     _hpa: HpaLegacy | None = None
     _cached: float = 0.0
     _next_sample: float = -math.inf
@@ -131,14 +139,40 @@ class KedaQueueLength(_KedaBase):
     """RabbitMQ scaler, mode QueueLength, metricType AverageValue (the default).
 
     HPA external per-pod metric: if |usage / (value * current) - 1| <= 0.1 keep current,
-    else ceil(usage / value). Protocol amqp counts only ready messages.
+    else ceil(usage / value). Protocol amqp counts only ready messages (`message_count`),
+    protocol http ready + unacked (`messages`; `count_unacked`).
     """
 
     value: float = KEDA_QUEUE_LENGTH_DEFAULT
     count_unacked: bool = False  # amqp protocol (default for an amqp:// host): ready only
 
     def sample(self, view: SimView) -> float:
-        return view.ready + (view.unacked if self.count_unacked else 0.0)
+        unacked = view.unacked if self.count_unacked and view.unacked is not None else 0.0
+        return view.ready + unacked
+
+    def recommend(self, view: SimView, metric: float) -> int:
+        current = max(1, view.current_replicas)
+        ratio = metric / (self.value * current)
+        if abs(1.0 - ratio) <= HPA_TOLERANCE:
+            return view.current_replicas
+        return ceil_int(metric / self.value)
+
+
+@dataclass
+class KedaMessageRate(_KedaBase):
+    """RabbitMQ scaler, mode MessageRate (needs the HTTP protocol), metricType AverageValue.
+
+    The metric is the queue's publish rate (`message_stats.publish_details.rate`); the HPA
+    keeps current within the 0.1 tolerance, else ceil(rate / value). `value` is emails/s
+    per pod: we give it the scenario's rate per replica, the one sensible setting.
+    """
+
+    value: float = 10.0
+    needs: ClassVar[tuple[str, ...]] = ("broker_rates",)
+
+    def sample(self, view: SimView) -> float:
+        assert view.publish_rate is not None  # `needs`: never run where rates are hidden
+        return view.publish_rate
 
     def recommend(self, view: SimView, metric: float) -> int:
         current = max(1, view.current_replicas)
@@ -163,9 +197,11 @@ class KedaExpectedConsumptionTime(_KedaBase):
     """
 
     value: float = 60.0
-    rate_window_seconds: float = RABBITMQ_RATE_SAMPLE_S
+    needs: ClassVar[tuple[str, ...]] = ("broker_rates", "unacked")
 
     def sample(self, view: SimView) -> float:
+        # `needs`: never run where these are hidden.
+        assert view.unacked is not None and view.publish_rate is not None and view.ack_rate is not None
         messages = view.ready + view.unacked
         if messages <= EPSILON:
             return 0.0
@@ -188,6 +224,7 @@ class StaticFleet:
     replicas: int
     name: str = "static"
     poll_seconds: float = 60.0
+    mode_independent: ClassVar[bool] = True
 
     def step(self, now: float, view: SimView) -> int:
         return self.replicas
@@ -209,6 +246,7 @@ class IdealReactive:
     scenario: Scenario
     name: str = "ideal-reactive"
     poll_seconds: float = 1.0
+    mode_independent: ClassVar[bool] = True
 
     def step(self, now: float, view: SimView) -> int:
         s = self.scenario
@@ -225,6 +263,7 @@ class Clairvoyant:
     scenario: Scenario
     name: str = "clairvoyant"
     poll_seconds: float = 1.0
+    mode_independent: ClassVar[bool] = True
 
     def step(self, now: float, view: SimView) -> int:
         s = self.scenario
@@ -291,14 +330,15 @@ def scenario_spec(scenario: Scenario, crd_defaults: bool = False) -> dict[str, A
     """The EmailQueue spec (camelCase, as in the CRD) our policy runs with on a scenario.
 
     `behavior` is `slo_behavior` (what the planner recommends) unless `crd_defaults`, which
-    leaves it to the CRD defaults (poll 5 s, tolerance 0.1, HPA default policies).
+    leaves it to the CRD defaults (poll 5 s, tolerance 0.1, HPA default policies). The
+    provider cap becomes `target.maxSendRate` unless the scenario withholds it.
     """
     target: dict[str, Any] = {
         "drainSeconds": scenario.drain_seconds,
         "ratePerReplica": scenario.rate_per_replica,
         "startupSeconds": scenario.startup_seconds,
     }
-    if scenario.max_send_rate is not None:
+    if scenario.max_send_rate is not None and not scenario.spec_withholds_cap:
         target["maxSendRate"] = scenario.max_send_rate
     spec: dict[str, Any] = {
         "scaleTargetRef": {"name": "email-worker"},
@@ -316,26 +356,30 @@ def scenario_spec(scenario: Scenario, crd_defaults: bool = False) -> dict[str, A
 
 
 class OurPolicy:
-    """`scaling.decide` fed unchanged: the simulator plays the operator's probe and status."""
+    """`scaling.decide` fed unchanged: the simulator plays the operator's probe and status.
 
-    def __init__(self, spec_mapping: Mapping[str, Any], start_epoch: float = 0.0, name: str = "ours") -> None:
+    What the observation mode does not show reaches `scaling.Observation` as None.
+    """
+
+    def __init__(self, spec_mapping: Mapping[str, Any], start_epoch: float = 0.0, name: str = "ours",
+                 observation: str = DEFAULT_OBSERVATION) -> None:
         from . import scaling, spec as spec_module  # imported here: baselines must work without them
 
         self._scaling = scaling
         self.spec = spec_module.parse_spec(spec_mapping)
         self.name = name
         self.poll_seconds = float(self.spec.behavior.poll_seconds)
-        # The management API's rates are averages over its 5 s sample interval: polling
-        # faster than that does not make the rates fresher.
-        self.rate_window_seconds = max(self.poll_seconds, RABBITMQ_RATE_SAMPLE_S)
+        self.observation = observation_mode(observation).name
         self.start_epoch = start_epoch
         self.state = _empty_state(scaling)
         self.decisions: list[Any] = []  # every Decision, for debugging and tests
+        self.decision_times: list[float] = []  # simulation time of each decision
 
     def step(self, now: float, view: SimView) -> int:
         s = self._scaling
         observation = s.Observation(
-            ok=True, error=None, ready=int(round(view.ready)), unacked=int(round(view.unacked)),
+            ok=True, error=None, ready=int(round(view.ready)),
+            unacked=None if view.unacked is None else int(round(view.unacked)),
             consumers=view.consumers, publish_rate=view.publish_rate, ack_rate=view.ack_rate,
             oldest_age_seconds=view.oldest_age_seconds, current_replicas=view.current_replicas,
             ready_replicas=view.ready_replicas,
@@ -343,7 +387,14 @@ class OurPolicy:
         decision = s.decide(self.spec, observation, self.state, self.start_epoch + now)
         self.state = decision.state
         self.decisions.append(decision)
+        self.decision_times.append(now)
         return int(decision.replicas)
+
+    def saturation_summary(self) -> dict[str, Any]:
+        """Whether the policy raised downstream saturation, first when (simulation seconds),
+        and in how many polls."""
+        times = [t for t, d in zip(self.decision_times, self.decisions) if getattr(d, "saturated", False)]
+        return {"raised": bool(times), "first_at": times[0] if times else None, "polls": len(times)}
 
 
 def _empty_state(scaling: Any) -> Any:
@@ -369,24 +420,32 @@ def static_replicas(scenario: Scenario) -> int:
 
 
 def keda_queue_length(scenario: Scenario, value: float = KEDA_QUEUE_LENGTH_DEFAULT,
-                      name: str = "keda-queuelength") -> KedaQueueLength:
+                      name: str = "keda-queuelength", observation: str | None = None) -> KedaQueueLength:
+    """KEDA QueueLength for the scenario. Under an observation mode, it counts what KEDA can
+    read there (ready + unacked over HTTP, ready only over AMQP); without one, KEDA's default
+    for an amqp:// host (ready only), observed through the management API."""
+    mode = observation_mode(observation or DEFAULT_OBSERVATION)
+    count_unacked = observation is not None and "unacked" not in mode.hidden
     return KedaQueueLength(min_replicas=scenario.min_replicas, max_replicas=scenario.max_replicas,
-                           value=value, name=name)
+                           value=value, name=name, count_unacked=count_unacked, observation=mode.name)
 
 
-def tune_keda_queue_length(scenario: Scenario, values: tuple[float, ...] = KEDA_TUNING_VALUES) -> tuple[float, dict[float, tuple[float, float]]]:
+def tune_keda_queue_length(scenario: Scenario, values: tuple[float, ...] = KEDA_TUNING_VALUES,
+                           observation: str | None = None,
+                           ideal_p99: float | None = None) -> tuple[float, dict[float, tuple[float, float]]]:
     """Pick a QueueLength value for the scenario by a grid search, with hindsight.
 
     Rule: among the grid values whose p99 time-in-queue is within 1.3x the ideal-reactive
     bound's, the one with the fewest replica-seconds; if none qualifies, the lowest p99
     (ties: fewer replica-seconds). Tuning on the very scenario being judged flatters KEDA
     — a user cannot do that for an unforeseen surge — which is the point of the baseline.
+    `observation` as for `keda_queue_length`; `ideal_p99` saves re-running the bound.
     Returns the value and {value: (p99, replica_seconds)}.
     """
-    bound = simulate(scenario, IdealReactive(scenario)).metrics.p99_seconds
+    bound = ideal_p99 if ideal_p99 is not None else simulate(scenario, IdealReactive(scenario)).metrics.p99_seconds
     results: dict[float, tuple[float, float]] = {}
     for value in values:
-        m = simulate(scenario, keda_queue_length(scenario, value)).metrics
+        m = simulate(scenario, keda_queue_length(scenario, value, observation=observation)).metrics
         results[value] = (m.p99_seconds, m.replica_seconds)
     good = [v for v, (p99, _) in results.items() if p99 <= 1.3 * bound + EPSILON]
     if good:
@@ -396,23 +455,30 @@ def tune_keda_queue_length(scenario: Scenario, values: tuple[float, ...] = KEDA_
     return best, results
 
 
-def default_policies(scenario: Scenario, include_ours: bool = True,
-                     tuned_value: float | None = None) -> list[Policy]:
-    """Every policy side by side, fresh (policies keep state; never reuse one across runs)."""
+def default_policies(scenario: Scenario, include_ours: bool = True, tuned_value: float | None = None,
+                     observation: str = DEFAULT_OBSERVATION, applicable_only: bool = True) -> list[Policy]:
+    """Every policy side by side under one observation mode, fresh (policies keep state;
+    never reuse one across runs). `applicable_only` drops the ones needing a field the mode
+    hides (`sim.not_applicable`); `compare` keeps them to list them as not applicable."""
+    from .sim import not_applicable
+
+    mode = observation_mode(observation).name
     if tuned_value is None:
-        tuned_value, _ = tune_keda_queue_length(scenario)
+        tuned_value, _ = tune_keda_queue_length(scenario, observation=mode)
+    bounds = dict(min_replicas=scenario.min_replicas, max_replicas=scenario.max_replicas, observation=mode)
     policies: list[Policy] = [
         StaticFleet(static_replicas(scenario)),
-        keda_queue_length(scenario),
-        keda_queue_length(scenario, tuned_value, name="keda-queuelength-tuned"),
-        KedaExpectedConsumptionTime(min_replicas=scenario.min_replicas, max_replicas=scenario.max_replicas,
-                                    value=scenario.drain_seconds, name="keda-expected-consumption-time"),
+        keda_queue_length(scenario, observation=mode),
+        keda_queue_length(scenario, tuned_value, name="keda-queuelength-tuned", observation=mode),
+        KedaMessageRate(value=scenario.rate_per_replica, name="keda-messagerate", **bounds),
+        KedaExpectedConsumptionTime(value=scenario.drain_seconds, name="keda-expected-consumption-time", **bounds),
         IdealReactive(scenario),
         Clairvoyant(scenario),
     ]
     if include_ours and scaling_available():
-        policies.append(OurPolicy(scenario_spec(scenario), start_epoch=scenario.start_epoch))
+        policies.append(OurPolicy(scenario_spec(scenario), start_epoch=scenario.start_epoch, observation=mode))
         policies.append(OurPolicy(scenario_spec(scenario, crd_defaults=True), start_epoch=scenario.start_epoch,
-                                  name="ours-crd-defaults"))
+                                  name="ours-crd-defaults", observation=mode))
+    if applicable_only:
+        policies = [p for p in policies if not_applicable(p, mode) is None]
     return policies
-

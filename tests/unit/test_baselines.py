@@ -10,6 +10,7 @@ from emailqueue_operator.baselines import (
     Clairvoyant,
     IdealReactive,
     KedaExpectedConsumptionTime,
+    KedaMessageRate,
     KedaQueueLength,
     OurPolicy,
     StaticFleet,
@@ -79,6 +80,22 @@ def test_keda_queue_length_over_amqp_ignores_unacked_messages() -> None:
     assert keda(count_unacked=True).step(0, view(ready=0, unacked=100, current_replicas=3)) == 5
 
 
+@pytest.mark.parametrize(("mode", "counts_unacked"), [
+    ("management", True),              # HTTP protocol: `messages` = ready + unacked
+    ("management-nocollector", True),  # HTTP protocol: the queue totals still carry `messages`
+    ("prometheus", True),              # KEDA's Prometheus scaler on rabbitmq_queue_messages
+    ("amqp", False),                   # AMQP protocol: `message_count` = ready only
+])
+def test_keda_queue_length_counts_what_the_mode_lets_it_read(mode: str, counts_unacked: bool) -> None:
+    s = load_scenario("incident-2023-09-20")
+    policy = baselines.keda_queue_length(s, observation=mode)
+    assert policy.observation == mode and policy.count_unacked is counts_unacked
+    unacked = None if mode == "amqp" else 100.0
+    assert policy.sample(view(ready=40, unacked=unacked)) == (140 if counts_unacked else 40)
+    # Without a mode: KEDA's default for an amqp:// host (ready only), as before modes existed.
+    assert baselines.keda_queue_length(s).count_unacked is False
+
+
 def test_keda_scale_to_zero_needs_activation_and_a_cooldown() -> None:
     policy = keda(min_replicas=0, activation_value=5)
     assert policy.step(0, view(ready=5, current_replicas=0)) == 0  # not above activationValue
@@ -108,6 +125,30 @@ def test_expected_consumption_time_scales_ready_pods_by_eta_over_target() -> Non
     # eta 120 s against a 60 s target with 4 ready pods: ceil(4 * 2) = 8 (≤ max(2*5, 4)).
     v = view(ready=1200, publish_rate=10, ack_rate=10, current_replicas=5, ready_replicas=4)
     assert ect().step(0, v) == 8
+
+
+def test_message_rate_scales_on_the_publish_rate_per_pod() -> None:
+    policy = KedaMessageRate(min_replicas=1, max_replicas=60, value=10)
+    assert policy.sample(view(publish_rate=123)) == 123
+    assert policy.step(0, view(publish_rate=123, current_replicas=5)) == 10  # ceil(12.3) > max(2*5, 4)
+    assert KedaMessageRate(min_replicas=1, max_replicas=60, value=10).step(
+        0, view(publish_rate=52, current_replicas=5)) == 5  # 5.2 wanted: within tolerance
+
+
+@pytest.mark.parametrize("mode", sorted(sim.OBSERVATION_MODES))
+def test_default_policies_under_a_mode(mode: str) -> None:
+    s = load_scenario("double-spike")
+    every = baselines.default_policies(s, tuned_value=20, observation=mode, applicable_only=False)
+    runnable = baselines.default_policies(s, tuned_value=20, observation=mode)
+    names = {p.name for p in runnable}
+    # KEDA's rate modes read the management API's rates; nowhere else.
+    assert ({"keda-messagerate", "keda-expected-consumption-time"} <= names) is (mode == "management")
+    assert {"static", "ideal-reactive", "clairvoyant", "ours", "ours-crd-defaults"} <= names
+    for policy in every:
+        if getattr(policy, "mode_independent", False):
+            assert policy.name in ("static", "ideal-reactive", "clairvoyant")
+        else:
+            assert policy.observation == mode
 
 
 # --------------------------------------------------------------------------- static and bounds
@@ -174,6 +215,30 @@ def test_ours_is_ready_for_an_announced_campaign() -> None:
     assert result.metrics.p99_seconds <= policy.poll_seconds
     assert len(policy.decisions) == int(s.duration_seconds / policy.poll_seconds)
     assert any("schedule" in d.terms for d in policy.decisions)
+
+
+@pytest.mark.parametrize("mode", sorted(sim.OBSERVATION_MODES))
+def test_ours_gets_none_for_what_the_mode_hides(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from emailqueue_operator import scaling
+
+    seen: list[Any] = []
+    real_decide = scaling.decide
+
+    def spy(spec: Any, observation: Any, state: Any, now: float) -> Any:
+        seen.append(observation)
+        return real_decide(spec, observation, state, now)
+
+    monkeypatch.setattr(scaling, "decide", spy)
+    s = load_scenario("incident-2023-09-20")
+    policy = OurPolicy(baselines.scenario_spec(s), observation=mode)
+    result = simulate(s, policy)
+    assert result.metrics.observation == mode and len(seen) == len(policy.decisions) > 0
+    hidden = sim.OBSERVATION_MODES[mode].hidden
+    for observation in seen:
+        for name in ("unacked", "consumers", "publish_rate", "ack_rate", "oldest_age_seconds"):
+            assert (getattr(observation, name) is None) is (name in hidden), (name, observation)
+    summary = policy.saturation_summary()
+    assert summary == {"raised": False, "first_at": None, "polls": 0}  # nothing throttles this surge
 
 
 def test_ours_stops_buying_pods_the_provider_cap_cannot_use() -> None:
