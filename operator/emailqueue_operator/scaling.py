@@ -94,6 +94,16 @@ SATURATION_CLEAR_ACK_GROWTH: Final = 1.10  # ack rate up > 10 % again: the throt
 # Estimating λ from a backlog difference across a long gap (operator restart, outage)
 # would average away the surge we are trying to see; beyond this many polls, don't.
 ARRIVAL_ESTIMATE_MAX_GAP_POLLS: Final = 10
+# Rateless sources (AMQP passive declare, a management API without its collector): an
+# empty queue says "the fleet keeps up", not "no demand". Capacity is given back by
+# probing: a step down after a quiet settle, doubled after each step that kept up, back
+# to the smallest step (and never below the short count for a while) once the queue
+# backs up again.
+KEEPUP_STEP_MIN: Final = 0.15
+KEEPUP_STEP_MAX: Final = 0.5
+KEEPUP_MEMORY_SECONDS: Final = 300.0
+KEEPUP_MEMORY_MAX_SECONDS: Final = 1200.0
+KEEPUP_SETTLE_MIN_SECONDS: Final = 15.0
 
 
 # --------------------------------------------------------------------------- values
@@ -207,6 +217,20 @@ class PolicyState:
     last_backlog: int | None = None
     """Backlog and time of the last successful poll (arrival-rate estimate)."""
     last_at: float | None = None
+    keepup_replicas: int | None = None
+    """Rateless sources: the replica count that has kept the queue empty since ``keepup_since``."""
+    keepup_since: float | None = None
+    keepup_step: float | None = None
+    """Fraction of the fleet the next keep-up probe gives back."""
+    keepup_top: int | None = None
+    """The replica count when the queue last became empty (probes gave back from there)."""
+    short_replicas: int | None = None
+    """Busy replicas that last let the queue back up, and when (probes stay above it)."""
+    short_at: float | None = None
+    short_hold: float | None = None
+    """How long probes stay above the short count: doubled each time a probe falls short
+    at about the same count again (steady load: fewer and fewer probes), reset once a
+    probe keeps up below it (demand fell)."""
 
     def to_status(self) -> dict[str, Any]:
         """JSON-safe camelCase dict for ``status.policy``.
@@ -226,6 +250,13 @@ class PolicyState:
             "saturation": None if self.saturation is None else self.saturation.to_status(),
             "lastBacklog": self.last_backlog,
             "lastAt": self.last_at,
+            "keepUpReplicas": self.keepup_replicas,
+            "keepUpSince": self.keepup_since,
+            "keepUpStep": self.keepup_step,
+            "keepUpTop": self.keepup_top,
+            "shortReplicas": self.short_replicas,
+            "shortAt": self.short_at,
+            "shortHold": self.short_hold,
         }
 
     @classmethod
@@ -245,6 +276,13 @@ class PolicyState:
             saturation=Saturation.from_status(data.get("saturation")),
             last_backlog=_int(data.get("lastBacklog")),
             last_at=_num(data.get("lastAt")),
+            keepup_replicas=_int(data.get("keepUpReplicas")),
+            keepup_since=_num(data.get("keepUpSince")),
+            keepup_step=_positive(data.get("keepUpStep")),
+            keepup_top=_int(data.get("keepUpTop")),
+            short_replicas=_int(data.get("shortReplicas")),
+            short_at=_num(data.get("shortAt")),
+            short_hold=_positive(data.get("shortHold")),
         )
 
 
@@ -614,6 +652,78 @@ def _demand_terms(
     return terms, notes
 
 
+@dataclass(frozen=True)
+class _KeepUp:
+    """The rateless keep-up probe: its replica floor for this poll and its memory."""
+
+    replicas: float | None
+    note: str
+    state: dict[str, Any]
+
+
+def _keep_up(spec: EmailQueueSpec, obs: Observation, state: PolicyState, rates: _Rates, now: float) -> _KeepUp:
+    """Without any rate, an empty queue means the fleet keeps up with an unknown demand.
+
+    While messages wait, every replica is busy: never below the current count. When the
+    queue is empty, hold the fleet; after a quiet settle (three polls, at least 15 s,
+    every replica ready) give back a step: 15 % first, doubled (up to 50 %) after
+    each step the queue stayed empty through. A queue that backs up right after such a
+    quiet spell marks the count as short (the busy replicas, or what the arrival rate
+    estimated from the growing backlog needs, if more): probes stay above it for
+    ``KEEPUP_MEMORY_SECONDS`` and the step starts small again. Sources with rates never
+    get here.
+    """
+    current = max(0, obs.current_replicas)
+    memory: dict[str, Any] = {"keepup_replicas": None, "keepup_since": None, "keepup_step": state.keepup_step,
+                              "keepup_top": None, "short_replicas": state.short_replicas, "short_at": state.short_at,
+                              "short_hold": state.short_hold}
+    hold = state.short_hold or KEEPUP_MEMORY_SECONDS
+    short_active = state.short_at is not None and now - state.short_at < hold
+    if current <= 0:
+        return _KeepUp(None, "", memory)
+    settled_fleet = obs.ready_replicas >= current
+    if obs.ready > 0:
+        # Messages wait for busy workers: the fleet is not too big, whatever the terms say.
+        # Backed up right after a probe gave capacity back: that count is short.
+        probed = state.keepup_top is not None and current < state.keepup_top
+        if state.keepup_replicas is not None and probed and settled_fleet:
+            short = rates.busy
+            if rates.arrival is not None and rates.per_replica:
+                # the most that would still fall short of the estimated arrivals
+                short = max(short, min(spec.replicas.max, math.ceil(rates.arrival / rates.per_replica - EPSILON) - 1))
+            again = state.short_replicas is not None and 0.9 * state.short_replicas <= short <= 1.1 * state.short_replicas
+            memory.update(short_replicas=short, short_at=now, keepup_step=None,
+                          short_hold=min(2 * hold, KEEPUP_MEMORY_MAX_SECONDS) if again else KEEPUP_MEMORY_SECONDS)
+
+        return _KeepUp(float(current), "messages waiting (no rate source): not giving back capacity", memory)
+    step = max(state.keepup_step or KEEPUP_STEP_MIN, min(KEEPUP_STEP_MAX, spec.behavior.tolerance + 0.05))
+    if state.keepup_replicas == current and state.keepup_since is not None:
+        since = state.keepup_since
+    else:
+        since = now
+        if state.keepup_replicas is not None and current < state.keepup_replicas:
+            step = min(KEEPUP_STEP_MAX, step * 2)  # the last step kept up: the next may be bigger
+    top = state.keepup_top if state.keepup_replicas is not None and state.keepup_top is not None else current
+    memory.update(keepup_replicas=current, keepup_since=since, keepup_step=step, keepup_top=max(top, current))
+    # Every replica is ready (checked below), so a step that undershoots shows as a
+    # backlog within a few polls; the scale-down window adds its own wait on top.
+    settle = max(3.0 * spec.behavior.poll_seconds, KEEPUP_SETTLE_MIN_SECONDS)
+    if now - since < settle or not settled_fleet:
+        return _KeepUp(float(current), "queue empty (no rate source): holding while it keeps up", memory)
+    if state.short_replicas is not None and current <= state.short_replicas:
+        memory.update(short_replicas=None, short_at=None, short_hold=None)  # demand fell below the short count
+    probe = min(current - 1, math.floor(current * (1.0 - step)))
+    short = memory["short_replicas"] if short_active else None
+    if short is not None:
+        probe = max(probe, short + 1)
+    probe = max(probe, spec.replicas.min, 0)
+    if probe >= current:
+        return _KeepUp(float(current), f"queue empty (no rate source); {short} replicas fell behind recently: holding",
+                       memory)
+    return _KeepUp(float(probe), f"queue empty for {now - since:.0f}s (no rate source): giving back capacity step by step",
+                   memory)
+
+
 def _decide_measured(spec: EmailQueueSpec, obs: Observation, state: PolicyState, now: float) -> Decision:
     bounds = spec.replicas
     behavior = spec.behavior
@@ -621,6 +731,14 @@ def _decide_measured(spec: EmailQueueSpec, obs: Observation, state: PolicyState,
     rates = _measure(spec, obs, state, now)
     fleet, fleet_since, baseline, saturation = _update_saturation(spec, obs, state, rates.busy, rates.ack_rate, now)
     terms, notes = _demand_terms(spec, obs, rates, now)
+    keepup = _KeepUp(None, "", {})
+    slo_set = spec.target.drain_seconds is not None or spec.target.max_message_age_seconds is not None
+    if slo_set and obs.publish_rate is None and obs.ack_rate is None:
+        # KEDA's QueueLength/MessageRate terms alone keep KEDA's behavior (parity).
+        keepup = _keep_up(spec, obs, state, rates, now)
+        if keepup.replicas is not None:
+            terms["keepUp"] = keepup.replicas
+            notes.append(keepup.note)
     raw = max(terms.values(), default=0.0)
     backlog = rates.backlog
 
@@ -650,6 +768,7 @@ def _decide_measured(spec: EmailQueueSpec, obs: Observation, state: PolicyState,
             saturation=saturation,
             last_backlog=backlog,
             last_at=now,
+            **keepup.state,
         )
         return Decision(
             replicas=replicas,

@@ -180,7 +180,8 @@ def test_learned_rate_is_floored() -> None:
 def test_without_a_rate_per_replica_the_backlog_term_bootstraps() -> None:
     spec = make_spec(target={"drainSeconds": 60})
     decision = run(spec, obs(200, current=1))
-    assert decision.terms == {"bootstrap": 10.0}  # 200 / 20
+    # rateless (AMQP): the waiting messages also keep the current replica as a floor
+    assert decision.terms == {"bootstrap": 10.0, "keepUp": 1.0}  # 200 / 20
     assert decision.replicas == 10
     assert "rate per replica not known yet" in decision.reason
 
@@ -283,7 +284,8 @@ def test_cooldown_clock_starts_at_first_observation() -> None:
 
 def test_min_above_zero_never_scales_to_zero() -> None:
     spec = default_spec(replicas={"min": 2, "max": 50}, behavior={"scaleDown": {"stabilizationSeconds": 0}})
-    decision = decide(spec, obs(0, current=5), PolicyState(last_active_at=NOW - 10_000), NOW)
+    # publish/ack rates of 0: the broker says nothing arrives (a rateless source could not)
+    decision = decide(spec, obs(0, current=5, publish=0.0, ack=0.0), PolicyState(last_active_at=NOW - 10_000), NOW)
     assert decision.replicas == 2
     assert "min" in decision.limits
 
@@ -555,3 +557,65 @@ def test_a_stale_zero_ack_rate_does_not_drag_the_learned_rate_down() -> None:
     state = PolicyState(learned_rate=10.0, last_backlog=500, last_at=NOW - 5, last_active_at=NOW - 5)
     decision = run(spec, obs(500, publish=40.0, ack=0.0, current=4), state)
     assert decision.rate_per_replica == 10.0
+
+
+# --------------------------------------------------------------------------- rateless sources (AMQP)
+
+AMQP_SLO = {"target": {"ratePerReplica": 10, "drainSeconds": 60, "startupSeconds": 30}}
+
+
+def _poll(spec: EmailQueueSpec, state: PolicyState, ready: int, current: int, now: float) -> Decision:
+    """One AMQP-only poll: ready and consumers, no unacked, no rates."""
+    return decide(spec, obs(ready, current=current, consumers=current), state, now)
+
+
+def test_rateless_empty_queue_means_keeping_up_not_no_demand() -> None:
+    spec = make_spec(**AMQP_SLO)
+    state = PolicyState(last_active_at=NOW)
+    for i in range(4):  # within the settle time the fleet is held, not cut to min
+        decision = _poll(spec, state, 0, 20, NOW + 3 * i)
+        state = decision.state
+        assert decision.replicas == 20
+    assert "keeping up" in decision.reason or "holding" in decision.reason
+
+
+def test_rateless_gives_capacity_back_step_by_step_and_remembers_a_short_count() -> None:
+    spec = make_spec(**AMQP_SLO)
+    state = PolicyState(last_active_at=NOW)
+    now, current, seen = NOW, 40, []
+    for _ in range(40):  # empty queue: steps of 15 %, then 30 %, 50 % ...
+        decision = _poll(spec, state, 0, current, now)
+        state, now = decision.state, now + 5
+        if decision.replicas != current:
+            seen.append(decision.replicas)
+            current = decision.replicas
+    assert seen[:3] == [34, 23, 11]
+    assert seen[-1] == 1  # min
+    # The queue backs up at 11 replicas after a probe: 11 is short, probes stay above it.
+    state = PolicyState(last_active_at=NOW, keepup_replicas=11, keepup_since=NOW - 60, keepup_top=40,
+                        keepup_step=0.5, last_backlog=0, last_at=NOW - 5)
+    backed_up = _poll(spec, state, 150, 11, NOW)
+    assert backed_up.state.short_replicas >= 11 and backed_up.replicas >= 11
+    later = PolicyState(**{**backed_up.state.__dict__, "keepup_replicas": 14, "keepup_since": NOW,
+                           "keepup_top": 14})
+    held = _poll(spec, later, 0, 14, NOW + 60)
+    assert held.replicas >= backed_up.state.short_replicas + 1
+
+
+def test_rateless_waiting_messages_never_shrink_the_fleet() -> None:
+    spec = make_spec(**AMQP_SLO)
+    decision = _poll(spec, PolicyState(last_active_at=NOW, last_backlog=50, last_at=NOW - 5), 40, 30, NOW)
+    assert decision.replicas >= 30
+
+
+def test_sources_with_rates_scale_down_on_measured_demand() -> None:
+    spec = make_spec(**AMQP_SLO)
+    decision = decide(spec, obs(0, current=20, consumers=20, publish=50.0, ack=50.0), PolicyState(last_active_at=NOW), NOW)
+    assert decision.replicas == 5  # 50/s at 10/s per replica
+    assert "keepUp" not in decision.terms
+
+
+def test_keda_parity_specs_keep_kedas_rateless_behavior() -> None:
+    # backlogPerReplica alone (no SLO): an empty queue asks for min, as KEDA's QueueLength does
+    spec = make_spec(target={"backlogPerReplica": 20})
+    assert decide(spec, obs(0, current=10), PolicyState(last_active_at=NOW), NOW).replicas == 1
