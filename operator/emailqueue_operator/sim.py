@@ -28,8 +28,9 @@ Model (values in, values out; no clock, no I/O except the CLI edge at the bottom
   provider's `max_send_rate`. Scale-down removes starting pods first (the ReplicaSet
   controller deletes not-ready pods before ready ones) and is instant: workers finish
   their in-flight message on SIGTERM, so nothing is lost.
-- Every step the broker's truth is a `BrokerSnapshot` (ready, unacked = about one second of
-  work per consumer, consumers, cumulative publish/ack counters, head message). Every
+- Every step the broker's truth is a `BrokerSnapshot` (ready; unacked = about one second of
+  work per consumer taken from a backlog, or without one the messages being sent, one per
+  busy worker; consumers; cumulative publish/ack counters; head message). Every
   `policy.poll_seconds` the policy sees a `SimView` built from it by the policy's
   observation mode (`policy.observation`, default `management`; see `OBSERVATION_MODES`):
   a field the mode cannot show is None, never a made-up 0. Before t=0 the system is in
@@ -384,6 +385,7 @@ class BrokerSnapshot:
     published_total: float             # messages published since t=0
     acked_total: float                 # messages acked since t=0
     head_published_at: float | None    # publish time of the oldest queued message; None if empty
+    backlog: float | None = None       # oracle: messages not yet being sent (None: ready + unacked)
 
 
 # --------------------------------------------------------------------------- policy protocol
@@ -489,7 +491,8 @@ class Observer:
             consumers=shown.consumers if mode.consumers else None,
             publish_rate=publish_rate, ack_rate=ack_rate, oldest_age_seconds=age,
             current_replicas=current_replicas, ready_replicas=ready_replicas,
-            true_arrival_rate=true_arrival_rate, true_backlog=snapshot.ready + snapshot.unacked,
+            true_arrival_rate=true_arrival_rate,
+            true_backlog=snapshot.ready + snapshot.unacked if snapshot.backlog is None else snapshot.backlog,
             observation=mode.name,
         )
 
@@ -630,6 +633,7 @@ def simulate(scenario: Scenario, policy: Policy, dt: float = 1.0, observation: s
     base = profile.base_rate
     steady_ack = min(base, len(pods) * mu, cap if cap is not None else math.inf)
     observer = Observer(mode, policy.poll_seconds, prior_publish_rate=base, prior_ack_rate=steady_ack)
+    served_before = steady_ack * dt  # sent in the previous step
 
     series_t: list[float] = []
     series_rate: list[float] = []
@@ -646,8 +650,13 @@ def simulate(scenario: Scenario, policy: Policy, dt: float = 1.0, observation: s
     for k in range(steps):
         t = k * dt
         ready_pods = sum(1 for ready_at in pods if ready_at <= t + EPSILON)
-        in_flight = min(queued, ready_pods * mu * 1.0)  # ~one second of work per consumer (prefetch)
-        snapshot = BrokerSnapshot(t=t, ready=queued - in_flight, unacked=in_flight, consumers=ready_pods,
+        # Unacked: with a backlog, each consumer's prefetch holds ~one second of work, taken
+        # from the queue; without one, the messages being sent right now (Little's law:
+        # throughput x 1/mu, one per busy worker). A fleet that keeps up is never at 0 unacked.
+        prefetched = min(queued, ready_pods * mu * 1.0)
+        in_service = min(float(ready_pods), served_before / dt / mu)
+        snapshot = BrokerSnapshot(t=t, ready=queued - prefetched, unacked=max(prefetched, in_service),
+                                  consumers=ready_pods, backlog=queued,
                                   published_total=published, acked_total=delivered,
                                   head_published_at=queue[0][0] if queue else None)
         observer.record(snapshot)
@@ -691,6 +700,7 @@ def simulate(scenario: Scenario, policy: Policy, dt: float = 1.0, observation: s
         if not queue:
             queued = 0.0
         delivered += served_now
+        served_before = served_now
 
         replica_seconds += len(pods) * dt
         if queued > peak_backlog:

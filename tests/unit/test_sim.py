@@ -159,6 +159,15 @@ def test_each_mode_hides_exactly_what_its_source_cannot_show(mode: str, hidden: 
     assert sim.OBSERVATION_MODES[mode].hidden == hidden
 
 
+def test_a_fleet_that_keeps_up_still_shows_the_messages_being_sent_as_unacked() -> None:
+    # 25/s to three workers of 10/s: nothing waits, 2.5 workers are busy on average.
+    s = scenario(arrival={"steps": [[0, 25]]}, rate_per_replica=10, min=3, max=3, duration_seconds=20)
+    policy = Scripted({}, observation="prometheus")
+    simulate(s, policy)
+    for v in policy.views:
+        assert v.ready == 0 and v.unacked == pytest.approx(2.5) and v.true_backlog == 0, v
+
+
 def test_management_counts_are_stale_between_5s_stats_ticks() -> None:
     # A backlog grows by 10/s from t=0 (one worker at 10/s, 20/s arriving).
     s = scenario(arrival={"steps": [[0, 20]]}, rate_per_replica=10, min=1, max=1, duration_seconds=20)
