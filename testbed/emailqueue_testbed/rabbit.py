@@ -267,8 +267,9 @@ def up(timeout: float = 120.0, component: str = COMPONENT, variant: str = "3.10"
         "log.file.level = warning",
         "",
     ]))
-    # Since 3.13 rabbitmq.conf parses `default_pass = a:b` as a tagged (encrypted) value,
-    # so a password with ':' would stop the node; Erlang terms take any bytes.
+    # RabbitMQ 4.0's rabbitmq.conf reads `default_pass = a:b` as a tagged (encrypted) value and
+    # the node fails to boot (bad_config_entry_decoder, missing_passphrase) on a password with
+    # ':'; advanced.config's Erlang terms take any bytes, on every variant.
     (base / "advanced.config").write_text(
         f"[{{rabbit, [{{default_user, {_erlang_binary(facts['user'])}}}, "
         f"{{default_pass, {_erlang_binary(facts['password'])}}}]}}].\n")
