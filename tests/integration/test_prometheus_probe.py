@@ -1,5 +1,6 @@
-"""The Prometheus-plugin probe against a real RabbitMQ node: gauges, an ack rate that
-matches the pace a consumer really acks at, one scrape shared by many polls, failures."""
+"""The Prometheus-plugin probe against real RabbitMQ nodes — every broker of the matrix
+(3.10.8, 3.10.8 without the management collector, 4.0.x): gauges, an ack rate that matches
+the pace a consumer really acks at, one scrape shared by many polls, TLS, failures."""
 from __future__ import annotations
 
 import http.server
@@ -9,7 +10,6 @@ import statistics
 import subprocess
 import threading
 import time
-import urllib.parse
 from pathlib import Path
 
 import pika
@@ -24,14 +24,10 @@ PUBLISHED, ACKED, PACE = 50, 20, 2.0  # messages, messages, acks per second
 WINDOW = 6.0  # seconds; the operator's is max(2 x poll, 10 s), shorter here to keep the test short
 
 
-def _vhost_of(url: str) -> str:
-    return urllib.parse.unquote(urllib.parse.urlsplit(url).path[1:])
-
-
 def _endpoint(broker) -> PrometheusEndpoint:
     # The plugin's listener needs no credentials; sending them (a password with /:@%) must not hurt.
     user, password = broker.mgmt_auth
-    return PrometheusEndpoint(f"http://127.0.0.1:{broker.record.facts['prom_port']}", user, password)
+    return PrometheusEndpoint(broker.prom_url, user, password)
 
 
 def _wait_for(probe: PrometheusProbe, vhost: str, queue: str, until, timeout: float = 20.0):
@@ -50,10 +46,10 @@ def _wait_for(probe: PrometheusProbe, vhost: str, queue: str, until, timeout: fl
         time.sleep(0.5)
 
 
-def test_gauges_and_ack_rate_match_a_paced_consumer(rabbitmq, vhost):
-    name = _vhost_of(vhost)
-    probe = PrometheusProbe(_endpoint(rabbitmq), cache_seconds=0.5)
-    conn = pika.BlockingConnection(pika.URLParameters(vhost))
+def test_gauges_and_ack_rate_match_a_paced_consumer(broker_vhost):
+    broker, name, url = broker_vhost
+    probe = PrometheusProbe(_endpoint(broker), cache_seconds=0.5)
+    conn = pika.BlockingConnection(pika.URLParameters(url))
     publisher = conn.channel()
     publisher.queue_declare("emails", durable=True)
     _wait_for(probe, name, "emails", lambda s: True)  # the queue is in the scrape: counters have a baseline
@@ -97,15 +93,15 @@ def test_gauges_and_ack_rate_match_a_paced_consumer(rabbitmq, vhost):
     probe.close()
 
 
-def test_regex_missing_queue_and_one_scrape_for_many_polls(rabbitmq, vhost):
-    name = _vhost_of(vhost)
-    with pika.BlockingConnection(pika.URLParameters(vhost)) as conn:
+def test_regex_missing_queue_and_one_scrape_for_many_polls(broker_vhost):
+    broker, name, url = broker_vhost
+    with pika.BlockingConnection(pika.URLParameters(url)) as conn:
         ch = conn.channel()
         for queue, n in (("emails-a", 3), ("emails-b", 2), ("other", 7)):
             ch.queue_declare(queue, durable=True)
             for _ in range(n):
                 ch.basic_publish("", queue, b"x")
-    probe = PrometheusProbe(_endpoint(rabbitmq), cache_seconds=60)
+    probe = PrometheusProbe(_endpoint(broker), cache_seconds=60)
     deadline = time.monotonic() + 20
     while True:  # the gauges follow the broker's stats tick
         probe._scopes.clear()
