@@ -75,16 +75,38 @@ def target_key(namespace: str | None, spec: Any) -> tuple[str, str, str]:
     return (namespace or "", str(ref.get("kind") or "Deployment"), str(ref.get("name") or ""))
 
 
-@kopf.index(GROUP, VERSION, PLURAL)
-def by_target(namespace: str, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any) -> dict[Any, Any]:
-    """EmailQueues by the workload they scale: (namespace, kind, name) → (created, name).
-    A watch keeps it current; a poll finds the other claimants of its target for free."""
-    return {target_key(namespace, spec): (str(meta.get("creationTimestamp") or ""), name)}
+class TargetClaims:
+    """Which EmailQueues scale which workload: (namespace, kind, name) → {EmailQueue: created}.
+
+    Every EmailQueue the operator watches has a daemon in this process, and each daemon
+    keeps its own entry current, so the registry is complete without a watch or a request.
+    (A kopf index would do the same, but holds every handler until all objects are
+    indexed, which turns start-up into one burst of finalizer patches, one connection
+    each.) Used only from the event loop's thread.
+    """
+
+    def __init__(self) -> None:
+        self._by_target: dict[tuple[str, str, str], dict[str, str]] = {}
+
+    def claim(self, key: tuple[str, str, str], name: str, created: str) -> list[tuple[str, str]]:
+        self._by_target.setdefault(key, {})[name] = created
+        return sorted((stamp, who) for who, stamp in self._by_target[key].items())
+
+    def release(self, key: tuple[str, str, str] | None, name: str) -> None:
+        if key is None:
+            return
+        holders = self._by_target.get(key, {})
+        holders.pop(name, None)
+        if not holders:
+            self._by_target.pop(key, None)
+
+
+CLAIMS = TargetClaims()
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)
 async def scale_loop(name: str, namespace: str, body: kopf.Body, stopped: kopf.DaemonStopped,
-                     logger: kopf.Logger, by_target: kopf.Index[Any, Any], **_: Any) -> None:
+                     logger: kopf.Logger, **_: Any) -> None:
     """Poll the queue and scale the target until the EmailQueue goes away."""
     state = PolicyState.from_status((body.status or {}).get("policy"))
     # The poll needs only the previous conditions (for their transition times).
@@ -93,13 +115,18 @@ async def scale_loop(name: str, namespace: str, body: kopf.Body, stopped: kopf.D
     next_at = loop.time()
     written: str | None = None
     written_at = float("-inf")
+    claimed: tuple[str, str, str] | None = None
     try:
         while not stopped:
             CONTEXT.metrics.poll_lag.observe(max(0.0, loop.time() - next_at))
             # Our own last status, not the watched one: the watch may lag behind our patch.
             snapshot = {"metadata": dict(body.metadata), "spec": dict(body.spec),
                         "status": {"conditions": conditions_now}}
-            claims = list(by_target.get(target_key(namespace, body.spec), []))
+            key = target_key(namespace, body.spec)
+            if key != claimed:
+                CLAIMS.release(claimed, name)
+                claimed = key
+            claims = CLAIMS.claim(key, name, str(body.metadata.get("creationTimestamp") or ""))
             try:
                 result = await asyncio.to_thread(poll, snapshot, state, CONTEXT, claims)
             except Exception as exc:  # a bug past gather's guard: report it, keep the loop alive
@@ -125,6 +152,7 @@ async def scale_loop(name: str, namespace: str, body: kopf.Body, stopped: kopf.D
                 delay = 0
             await stopped.wait(delay)
     finally:
+        CLAIMS.release(claimed, name)
         CONTEXT.metrics.forget(namespace, name)
 
 

@@ -132,9 +132,12 @@ def test_300_emailqueues_on_an_unreachable_broker_stay_bounded(kube_env, namespa
     count = 300
     dead_port = free_port()  # nothing listens: every connection attempt is refused at once
     uri = f"amqp://chaos:chaos@127.0.0.1:{dead_port}/"
-    kube_env.kubectl("-n", namespace, "apply", "-f", "-", input=worker_deployment("email-worker", 1))
+    # One Deployment each: a second EmailQueue on one target would only wait (TargetClaimed).
+    workers = [yaml.safe_load(worker_deployment(f"email-worker-{i:03d}", 1)) for i in range(count)]
+    kube_env.kubectl("-n", namespace, "apply", "-f", "-", input=yaml.safe_dump_all(workers), timeout=180)
     kube_env.kubectl("-n", namespace, "apply", "-f", "-", input=amqp_secret("rabbit", uri))
-    docs = [yaml.safe_load(emailqueue(f"eq-{i:03d}", _spec(replicas={"min": 1, "max": 4},
+    docs = [yaml.safe_load(emailqueue(f"eq-{i:03d}", _spec(scaleTargetRef={"name": f"email-worker-{i:03d}"},
+                                                          replicas={"min": 1, "max": 4},
                                                           behavior={"pollSeconds": 5})))
             for i in range(count)]
     kube_env.kubectl("-n", namespace, "apply", "-f", "-", input=yaml.safe_dump_all(docs), timeout=180)
@@ -156,7 +159,8 @@ def test_300_emailqueues_on_an_unreachable_broker_stay_bounded(kube_env, namespa
         connections.append(_connections(operator.proc.pid, apiserver_port, str(dead_port)))
     second = _proc_figures(operator.proc.pid)
     cpu_share = (second["cpu_seconds"] - first["cpu_seconds"]) / window
-    replicas = _replicas(kube_env, namespace)
+    deployments = get_json(kube_env, namespace, "deployments")["items"]
+    replicas = min(d["spec"]["replicas"] for d in deployments)  # none scaled down blind
     result = {"fault": f"{count} EmailQueues pointing at an unreachable broker (connection refused)",
               "expectation": "connections and memory bounded, no busy loop, no scale-down while blind",
               "emailqueues": count, "all_polled_seconds": round(all_polled, 1), "window_seconds": window,

@@ -154,3 +154,25 @@ def test_missing_secret_and_target_are_reported_not_scaled(kube_env, namespace, 
                      "-p", '{"spec": {"scaleTargetRef": {"name": "missing"}}}')
     wait_for(lambda: (_condition(kube_env, namespace, "Ready") or {}).get("reason") == "TargetNotFound", 30,
              "Ready=False TargetNotFound")
+
+
+def test_a_second_emailqueue_on_the_same_target_waits_and_says_so(kube_env, namespace, vhost, start_operator):
+    _setup(kube_env, namespace, vhost, _spec())
+    time.sleep(1.1)  # creationTimestamp has one-second resolution: "emails" is the older one
+    kube_env.kubectl("-n", namespace, "apply", "-f", "-",
+                     input=emailqueue("rival", _spec(target={"backlogPerReplica": 50})))
+    start_operator(namespace)
+    _publish(vhost, 100)
+    wait_for(lambda: _replicas(kube_env, namespace) == 4, 30, "the first EmailQueue scales")
+
+    def rival_ready():
+        status = get_json(kube_env, namespace, "emailqueue", "rival").get("status") or {}
+        return next((c for c in status.get("conditions", []) if c["type"] == "Ready"), None)
+
+    wait_for(lambda: (rival_ready() or {}).get("reason") == "TargetClaimed", 30, "the rival reports the claim")
+    assert rival_ready()["status"] == "False" and "emails" in rival_ready()["message"]
+    # 100 messages at 50 per replica would be 2: the rival never fought the first one down.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        assert _replicas(kube_env, namespace) == 4
+        time.sleep(2)

@@ -307,3 +307,18 @@ def test_second_emailqueue_on_a_target_does_not_scale(monkeypatch):
     result = poller.poll(body(), PolicyState(), context(result=stats(ready=100)), claims)
     assert scaled == []
     assert [e.reason for e in result.events] == ["TargetClaimed"]
+
+
+def test_target_claims_registry_follows_daemons():
+    from emailqueue_operator.handlers import TargetClaims, target_key
+
+    claims = TargetClaims()
+    key = target_key("ns", {"scaleTargetRef": {"name": "worker"}})
+    assert key == ("ns", "Deployment", "worker")
+    assert claims.claim(key, "b", "2026-02-01T00:00:00Z") == [("2026-02-01T00:00:00Z", "b")]
+    assert claims.claim(key, "a", "2026-01-01T00:00:00Z")[0] == ("2026-01-01T00:00:00Z", "a")
+    claims.release(key, "a")  # the owner went away: the other one takes over
+    assert claims.claim(key, "b", "2026-02-01T00:00:00Z") == [("2026-02-01T00:00:00Z", "b")]
+    claims.release(key, "b")
+    claims.release(None, "b")
+    assert claims._by_target == {}
