@@ -119,7 +119,7 @@ class QueueStats:
     deliver_rate: float | None
     oldest_age_seconds: float | None
     queues: tuple[str, ...]
-    source: str  # "amqp" | "management"
+    source: str  # "amqp" | "management" | "management-totals" (no collector) | "prometheus"
 
 
 # --- pure helpers -----------------------------------------------------------------
@@ -151,11 +151,15 @@ class MetricsUnavailable(BrokerError):
 
 # Queue states whose counts are live. Anything else (down, crashed, stopped, minority,
 # terminated, a state a newer broker invents) is not a measurement.
-LIVE_QUEUE_STATES = frozenset({"running", "flow", "idle"})
+# ("live" is what a broker without its metrics collector reports for every queue.)
+LIVE_QUEUE_STATES = frozenset({"running", "flow", "idle", "live"})
 
 
-def stats_from_management(queues: list[Mapping[str, Any]], how: str, now: float) -> QueueStats:
+def stats_from_management(queues: list[Mapping[str, Any]], how: str, now: float, with_rates: bool = True) -> QueueStats:
     """Aggregate management-API queue objects into one QueueStats (pure).
+
+    ``with_rates`` False: the objects are queue totals of a broker without its metrics
+    collector: counts only; consumers, rates and head age are unknown (None), not 0.
 
     Raises MetricsUnavailable when a queue lacks its counts (the broker's metrics
     collector is disabled: ``management_agent.disable_metrics_collector = true``) or is
@@ -169,8 +173,8 @@ def stats_from_management(queues: list[Mapping[str, Any]], how: str, now: float)
         missing = [key for key in ("messages_ready", "messages_unacknowledged") if not _is_count(queue.get(key))]
         if missing:
             raise MetricsUnavailable(
-                f"the management API gives no {'/'.join(missing)} for queue {name!r} (metrics collection disabled "
-                "on the broker? use broker.prometheusSecretRef with the rabbitmq_prometheus plugin)")
+                f"the management API gives no {'/'.join(missing)} for queue {name!r} (a new queue's counts come "
+                "with the broker's next statistics tick; a broker without them: use broker.prometheusSecretRef)")
 
     def agg_int(values: Iterable[float | None]) -> int | None:
         value = aggregate(values, how)
@@ -183,6 +187,8 @@ def stats_from_management(queues: list[Mapping[str, Any]], how: str, now: float)
 
     # A queue object without message_stats had no traffic since it was declared: rates 0.
     def rate(key: str) -> float | None:
+        if not with_rates:
+            return None
         values = [_rate(q, key) for q in queues]
         if all(v is None for v in values):
             return 0.0 if queues else None
@@ -191,10 +197,10 @@ def stats_from_management(queues: list[Mapping[str, Any]], how: str, now: float)
     return QueueStats(
         ready=agg_int(q["messages_ready"] for q in queues) or 0,
         unacked=agg_int(q["messages_unacknowledged"] for q in queues),
-        consumers=agg_int(q.get("consumers") if _is_count(q.get("consumers")) else None for q in queues),
+        consumers=agg_int(q.get("consumers") if with_rates and _is_count(q.get("consumers")) else None for q in queues),
         publish_rate=rate("publish"), ack_rate=rate("ack"), deliver_rate=rate("deliver_get"),
-        oldest_age_seconds=aggregate(ages, "max"),
-        queues=tuple(sorted(str(q.get("name")) for q in queues)), source="management")
+        oldest_age_seconds=aggregate(ages, "max") if with_rates else None,
+        queues=tuple(sorted(str(q.get("name")) for q in queues)), source="management" if with_rates else "management-totals")
 
 
 def _is_count(value: Any) -> bool:
@@ -324,6 +330,7 @@ class ManagementProbe:
     """
 
     COLUMNS = "name,state,messages_ready,messages_unacknowledged,consumers,message_stats,head_message_timestamp"
+    COLLECTOR_RECHECK_SECONDS = 60.0
 
     def __init__(self, endpoint: ManagementEndpoint, timeout: float = 5.0, cache_seconds: float = 1.0,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
@@ -336,52 +343,84 @@ class ManagementProbe:
         if endpoint.tls.enabled and endpoint.tls.insecure_skip_verify:
             self._session.verify = False
         self._lock = threading.Lock()
-        self._cache: dict[str, tuple[float, list[dict[str, Any]]]] = {}
+        self._cache: dict[str, tuple[float, list[dict[str, Any]], bool]] = {}
+        self._collector: tuple[float, bool] | None = None
         self._fetch_locks: dict[str, threading.Lock] = {}
         self._backoff = _Backoff(clock=clock)
         self.requests = 0
 
-    def _list_queues(self, vhost: str) -> list[dict[str, Any]]:
+    def _get_queues(self, vhost: str, params: Mapping[str, str]) -> list[dict[str, Any]]:
+        """One GET of a vhost's queue list; every failure is a BrokerError (blind)."""
+        self._backoff.check(self.endpoint.display)
+        url = f"{self.endpoint.url.rstrip('/')}/api/queues/{urllib.parse.quote(vhost, safe='')}"
+        try:
+            self.requests += 1
+            resp = self._session.get(url, params=dict(params), timeout=self.timeout)
+        except requests.RequestException as exc:
+            self._backoff.failed(type(exc).__name__)
+            raise BrokerError(f"management API {self.endpoint.display} unreachable ({type(exc).__name__})") from None
+        if resp.status_code in (401, 403):
+            self._backoff.failed(f"HTTP {resp.status_code}")
+            raise BrokerAuthError(f"management API {self.endpoint.display}: HTTP {resp.status_code} for the configured user")
+        if resp.status_code == 404:
+            raise QueueNotFound(f"vhost {vhost!r} not found on {self.endpoint.display}")
+        if resp.status_code >= 400:
+            self._backoff.failed(f"HTTP {resp.status_code}")
+            raise BrokerError(f"management API {self.endpoint.display}: HTTP {resp.status_code}")
+        try:
+            queues = resp.json()
+        except ValueError:
+            self._backoff.failed("not JSON")
+            raise BrokerError(f"management API {self.endpoint.display} answered HTTP {resp.status_code} "
+                              f"with a body that is not JSON ({resp.headers.get('content-type', 'no content type')})"
+                              ) from None
+        if not isinstance(queues, list) or not all(isinstance(q, dict) for q in queues):
+            self._backoff.failed("unexpected JSON")
+            raise BrokerError(f"management API {self.endpoint.display}: /api/queues did not return a list of queues")
+        self._backoff.succeeded()
+        return queues
+
+    def _collector_enabled(self) -> bool:
+        """Whether the broker runs its metrics collector (``/api/overview`` says
+        ``disable_stats`` when ``management_agent.disable_metrics_collector = true``);
+        asked again every ``COLLECTOR_RECHECK_SECONDS``."""
+        if self._collector is not None and self.clock() - self._collector[0] < self.COLLECTOR_RECHECK_SECONDS:
+            return self._collector[1]
+        self._backoff.check(self.endpoint.display)
+        try:
+            self.requests += 1
+            resp = self._session.get(f"{self.endpoint.url.rstrip('/')}/api/overview",
+                                     params={"columns": "disable_stats,rabbitmq_version"}, timeout=self.timeout)
+            overview = resp.json() if resp.status_code == 200 else {}
+        except (requests.RequestException, ValueError):
+            overview = {}  # the queue listing that follows reports the failure
+        enabled = not (isinstance(overview, dict) and overview.get("disable_stats") is True)
+        self._collector = (self.clock(), enabled)
+        return enabled
+
+    def _list_queues(self, vhost: str) -> tuple[list[dict[str, Any]], bool]:
+        """The vhost's queues and whether they carry rates (False: queue totals only).
+
+        A broker with ``management_agent.disable_metrics_collector = true`` lists queues
+        without counts; its queue totals (``enable_queue_totals``) still give ready and
+        unacked, without consumers or rates.
+        """
         with self._lock:
             fetch_lock = self._fetch_locks.setdefault(vhost, threading.Lock())
         with fetch_lock:  # one request in flight per vhost; the others wait for its answer
             cached = self._cache.get(vhost)
             if cached and self.clock() - cached[0] < self.cache_seconds:
-                return cached[1]
-            self._backoff.check(self.endpoint.display)
-            url = f"{self.endpoint.url.rstrip('/')}/api/queues/{urllib.parse.quote(vhost, safe='')}"
-            try:
-                self.requests += 1
-                resp = self._session.get(url, params={"columns": self.COLUMNS, "disable_stats": "false"},
-                                         timeout=self.timeout)
-            except requests.RequestException as exc:
-                self._backoff.failed(type(exc).__name__)
-                raise BrokerError(f"management API {self.endpoint.display} unreachable ({type(exc).__name__})") from None
-            if resp.status_code in (401, 403):
-                self._backoff.failed(f"HTTP {resp.status_code}")
-                raise BrokerAuthError(f"management API {self.endpoint.display}: HTTP {resp.status_code} for the configured user")
-            if resp.status_code == 404:
-                raise QueueNotFound(f"vhost {vhost!r} not found on {self.endpoint.display}")
-            if resp.status_code >= 400:
-                self._backoff.failed(f"HTTP {resp.status_code}")
-                raise BrokerError(f"management API {self.endpoint.display}: HTTP {resp.status_code}")
-            try:
-                queues = resp.json()
-            except ValueError:
-                self._backoff.failed("not JSON")
-                raise BrokerError(f"management API {self.endpoint.display} answered HTTP {resp.status_code} "
-                                  f"with a body that is not JSON ({resp.headers.get('content-type', 'no content type')})"
-                                  ) from None
-            if not isinstance(queues, list) or not all(isinstance(q, dict) for q in queues):
-                self._backoff.failed("unexpected JSON")
-                raise BrokerError(f"management API {self.endpoint.display}: /api/queues did not return a list of queues")
-            self._backoff.succeeded()
-            self._cache[vhost] = (self.clock(), queues)
-            return queues
+                return cached[1], cached[2]
+            with_rates = self._collector_enabled()
+            params = ({"columns": self.COLUMNS, "disable_stats": "false"} if with_rates
+                      else {"disable_stats": "true", "enable_queue_totals": "true"})
+            queues = self._get_queues(vhost, params)
+            self._cache[vhost] = (self.clock(), queues, with_rates)
+            return queues, with_rates
 
     def queue_stats(self, vhost: str, queue: str | None = None, queue_regex: str | None = None,
                     how: str = "sum") -> QueueStats:
-        queues = self._list_queues(vhost)
+        queues, with_rates = self._list_queues(vhost)
         if queue_regex is not None:
             pattern = re.compile(queue_regex)
             matched = [q for q in queues if pattern.fullmatch(str(q.get("name", "")))]
@@ -391,7 +430,7 @@ class ManagementProbe:
             matched = [q for q in queues if q.get("name") == queue]
             if not matched:
                 raise QueueNotFound(f"queue {queue!r} not found in vhost {vhost!r} on {self.endpoint.display}")
-        return stats_from_management(matched, how, self.wall())
+        return stats_from_management(matched, how, self.wall(), with_rates=with_rates)
 
     def close(self) -> None:
         self._session.close()

@@ -97,3 +97,17 @@ def test_backoff_spaces_attempts():
         backoff.check("b")
     backoff.succeeded()
     backoff.check("b")
+
+
+def test_queue_totals_without_collector_are_counts_only():
+    # /api/queues?disable_stats=true&enable_queue_totals=true on a broker without its collector
+    queue = {"name": "q", "state": "running", "messages": 7, "messages_ready": 7, "messages_unacknowledged": 0}
+    stats = stats_from_management([queue], "sum", now=0.0, with_rates=False)
+    assert (stats.ready, stats.unacked) == (7, 0)
+    assert stats.consumers is None and stats.publish_rate is None and stats.ack_rate is None
+    assert stats.oldest_age_seconds is None and stats.source == "management-totals"
+
+
+def test_live_state_of_a_broker_without_collector_is_not_a_dead_queue():
+    with pytest.raises(MetricsUnavailable, match="next statistics tick"):
+        stats_from_management([{"name": "q", "state": "live"}], "sum", now=0.0)
