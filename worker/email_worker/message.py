@@ -255,7 +255,8 @@ def _json_error(exc: Exception) -> str:
 
 def _clip(value: str, limit: int = 40) -> str:
     # Reasons end up in headers and logs: keep them short and on one line.
-    flat = value.replace("\r", "\\r").replace("\n", "\\n")
+    # Every non-printable character (CR, LF, NEL, U+2028, other controls) is escaped.
+    flat = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in value)
     return flat if len(flat) <= limit else flat[:limit] + "..."
 
 
@@ -291,11 +292,11 @@ def _job_id(raw: Any, properties: AmqpProperties | None, body: bytes) -> str:
 def _no_line_breaks(value: str, name: str) -> None:
     # CR/LF in a header value lets the producer inject headers (e.g. a hidden Bcc).
     if "\r" in value or "\n" in value:
-        raise InvalidMessage(f"header injection: CR/LF in {name}")
+        raise InvalidMessage(f"header injection: CR/LF in {_clip(name)}")
     # Other C0 controls and Unicode line separators (\x1c-\x1e, \x85, \u2028...) are line
     # breaks to Python's email package too; refuse them here rather than fail at send time.
     if _CONTROL_RE.search(value) or len(value.splitlines()) > 1:
-        raise InvalidMessage(f"control character in {name}")
+        raise InvalidMessage(f"control character in {_clip(name)}")
 
 
 def _addresses(raw: Any, name: str, required: bool = False) -> tuple[str, ...]:
