@@ -91,6 +91,15 @@ LEARNING_ALPHA: Final = 0.3
 SATURATION_REPLICA_GROWTH: Final = 1.20  # replicas up by >= 20 % ...
 SATURATION_ACK_GROWTH: Final = 1.05  # ... while the ack rate rose by <= 5 %
 SATURATION_CLEAR_ACK_GROWTH: Final = 1.10  # ack rate up > 10 % again: the throttle lifted
+# A settled fleet whose acks, while messages wait, stay under 75 % of what its busy
+# replicas sustain is held back downstream: cap it at the plateau plus 20 % headroom (the
+# headroom lets a lifted throttle show as a rising ack rate). If the capped fleet's acks
+# then fall below 85 % of the plateau, the replicas were the bottleneck after all (slow
+# but parallel downstream): lift the cap and do not suspect again for a while.
+SATURATION_EFFICIENCY: Final = 0.75
+SATURATION_HEADROOM: Final = 1.20
+SATURATION_CONFIRM: Final = 0.85
+SATURATION_VETO_SECONDS: Final = 600.0
 # Estimating λ from a backlog difference across a long gap (operator restart, outage)
 # would average away the surge we are trying to see; beyond this many polls, don't.
 ARRIVAL_ESTIMATE_MAX_GAP_POLLS: Final = 10
@@ -170,6 +179,8 @@ class Saturation:
     since: float
     plateau: ThroughputSample
     observed: ThroughputSample
+    cap: int | None = None
+    """Replicas the fleet is cut back to (efficiency evidence); None: hold what runs."""
 
     def evidence(self) -> str:
         return (
@@ -178,7 +189,8 @@ class Saturation:
         )
 
     def to_status(self) -> dict[str, Any]:
-        return {"since": self.since, "plateau": self.plateau.to_status(), "observed": self.observed.to_status()}
+        return {"since": self.since, "plateau": self.plateau.to_status(), "observed": self.observed.to_status(),
+                "cap": self.cap}
 
     @classmethod
     def from_status(cls, data: Any) -> Saturation | None:
@@ -189,7 +201,8 @@ class Saturation:
         observed = ThroughputSample.from_status(data.get("observed"))
         if since is None or plateau is None or observed is None:
             return None
-        return cls(since, plateau, observed)
+        cap = _int(data.get("cap"))
+        return cls(since, plateau, observed, cap if cap is not None and cap > 0 else None)
 
 
 @dataclass(frozen=True)
@@ -214,6 +227,8 @@ class PolicyState:
     throughput_baseline: ThroughputSample | None = None
     """Last settled (replicas, ack rate) sample while messages waited."""
     saturation: Saturation | None = None
+    saturation_veto_until: float | None = None
+    """A cap that cost throughput was lifted: no efficiency-based suspicion before this."""
     last_backlog: int | None = None
     """Backlog and time of the last successful poll (arrival-rate estimate)."""
     last_at: float | None = None
@@ -248,6 +263,7 @@ class PolicyState:
             "fleetSince": self.fleet_since,
             "throughputBaseline": None if self.throughput_baseline is None else self.throughput_baseline.to_status(),
             "saturation": None if self.saturation is None else self.saturation.to_status(),
+            "saturationVetoUntil": self.saturation_veto_until,
             "lastBacklog": self.last_backlog,
             "lastAt": self.last_at,
             "keepUpReplicas": self.keepup_replicas,
@@ -274,6 +290,7 @@ class PolicyState:
             fleet_since=_num(data.get("fleetSince")),
             throughput_baseline=ThroughputSample.from_status(data.get("throughputBaseline")),
             saturation=Saturation.from_status(data.get("saturation")),
+            saturation_veto_until=_num(data.get("saturationVetoUntil")),
             last_backlog=_int(data.get("lastBacklog")),
             last_at=_num(data.get("lastAt")),
             keepup_replicas=_int(data.get("keepUpReplicas")),
@@ -559,8 +576,10 @@ def _measure(spec: EmailQueueSpec, obs: Observation, state: PolicyState, now: fl
         if 0 < gap <= ARRIVAL_ESTIMATE_MAX_GAP_POLLS * spec.behavior.poll_seconds:
             if ack_rate is not None:
                 consumed = max(0.0, ack_rate)
-            elif per_replica is not None and (backlog > 0 or state.last_backlog > 0):
-                consumed = per_replica * busy  # busy workers with work run at μ
+            elif per_replica is not None and obs.ready > 0:
+                # Workers with messages waiting run at μ. Unacked alone (in flight) says
+                # nothing about how fast they go: a fleet that keeps up always has some.
+                consumed = per_replica * busy
             else:
                 consumed = 0.0
             arrival = max(0.0, (backlog - state.last_backlog) / gap + consumed)
@@ -578,29 +597,45 @@ def _measure(spec: EmailQueueSpec, obs: Observation, state: PolicyState, now: fl
     return _Rates(backlog, busy, arrival, estimated, per_replica, learned, oldest_age, ack_rate)
 
 
+@dataclass(frozen=True)
+class _SaturationUpdate:
+    fleet: int
+    fleet_since: float
+    baseline: ThroughputSample | None
+    saturation: Saturation | None
+    veto_until: float | None
+
+
 def _update_saturation(
     spec: EmailQueueSpec, obs: Observation, state: PolicyState, busy: int, ack_rate: float | None, now: float
-) -> tuple[int, float, ThroughputSample | None, Saturation | None]:
+) -> _SaturationUpdate:
     fleet, since = state.fleet_replicas, state.fleet_since
     if fleet != busy or since is None:
         fleet, since = busy, now
+    veto = state.saturation_veto_until if state.saturation_veto_until is not None and state.saturation_veto_until > now else None
+
+    def out(baseline: ThroughputSample | None, saturation: Saturation | None, veto_until: float | None = veto) -> _SaturationUpdate:
+        return _SaturationUpdate(fleet, since, baseline, saturation, veto_until)
+
     baseline, saturation = state.throughput_baseline, state.saturation
     if obs.ready <= 0:
         # Drained (or never backlogged): acks now follow demand, not capacity.
-        return fleet, since, None, None
+        return out(None, None)
     if ack_rate is None:
-        return fleet, since, baseline, saturation
+        return out(baseline, saturation)
     ack = max(0.0, ack_rate)
     settle = max(spec.target.startup_seconds, 2.0 * spec.behavior.poll_seconds)
     settled = now - since >= settle and busy > 0
     if saturation is not None:
         best = max(saturation.plateau.ack_rate, saturation.observed.ack_rate)
         if ack > best * SATURATION_CLEAR_ACK_GROWTH + EPSILON and ack > best + EPSILON:
-            saturation = None
-            baseline = ThroughputSample(now, busy, ack) if settled else None
-        return fleet, since, baseline, saturation
+            return out(ThroughputSample(now, busy, ack) if settled else None, None)
+        if (saturation.cap is not None and settled and busy <= saturation.cap
+                and ack < SATURATION_CONFIRM * saturation.plateau.ack_rate):
+            return out(None, None, now + SATURATION_VETO_SECONDS)  # fewer replicas sent less: not downstream
+        return out(baseline, saturation)
     if not settled:
-        return fleet, since, baseline, saturation
+        return out(baseline, saturation)
     sample = ThroughputSample(now, busy, ack)
     if (
         baseline is not None
@@ -608,8 +643,15 @@ def _update_saturation(
         and busy >= baseline.replicas * SATURATION_REPLICA_GROWTH
         and ack <= baseline.ack_rate * SATURATION_ACK_GROWTH
     ):
-        return fleet, since, baseline, Saturation(since=now, plateau=baseline, observed=sample)
-    return fleet, since, sample, None
+        return out(baseline, Saturation(since=now, plateau=baseline, observed=sample))
+    mu = spec.target.rate_per_replica if spec.target.rate_per_replica is not None else state.learned_rate
+    if veto is None and mu and ack < SATURATION_EFFICIENCY * busy * mu:
+        # Even a fleet that grew in one step shows it: acks well under what it sustains.
+        cap = max(1, math.ceil(ack / mu * SATURATION_HEADROOM - EPSILON))
+        if cap < busy:
+            plateau = ThroughputSample(now, max(1, math.ceil(ack / mu - EPSILON)), ack)
+            return out(sample, Saturation(since=now, plateau=plateau, observed=sample, cap=cap))
+    return out(sample, None)
 
 
 def _demand_terms(
@@ -729,7 +771,8 @@ def _decide_measured(spec: EmailQueueSpec, obs: Observation, state: PolicyState,
     behavior = spec.behavior
     current = max(0, obs.current_replicas)
     rates = _measure(spec, obs, state, now)
-    fleet, fleet_since, baseline, saturation = _update_saturation(spec, obs, state, rates.busy, rates.ack_rate, now)
+    sat = _update_saturation(spec, obs, state, rates.busy, rates.ack_rate, now)
+    saturation = sat.saturation
     terms, notes = _demand_terms(spec, obs, rates, now)
     keepup = _KeepUp(None, "", {})
     slo_set = spec.target.drain_seconds is not None or spec.target.max_message_age_seconds is not None
@@ -762,10 +805,11 @@ def _decide_measured(spec: EmailQueueSpec, obs: Observation, state: PolicyState,
             last_active_at=last_active_at,
             learned_rate=rates.learned,
             consecutive_failures=0,
-            fleet_replicas=fleet,
-            fleet_since=fleet_since,
-            throughput_baseline=baseline,
+            fleet_replicas=sat.fleet,
+            fleet_since=sat.fleet_since,
+            throughput_baseline=sat.baseline,
             saturation=saturation,
+            saturation_veto_until=sat.veto_until,
             last_backlog=backlog,
             last_at=now,
             **keepup.state,
@@ -818,7 +862,7 @@ def _decide_measured(spec: EmailQueueSpec, obs: Observation, state: PolicyState,
             limits.append("maxSendRate")
             notes.append(f"capped at {send_cap} by maxSendRate {spec.target.max_send_rate:g}/s")
     if saturation is not None:
-        hold = max(current, saturation.observed.replicas)
+        hold = saturation.cap if saturation.cap is not None else max(current, saturation.observed.replicas)
         if desired > hold:
             desired = hold
             limits.append("saturated")

@@ -457,8 +457,8 @@ def test_dry_run_decides_but_records_no_scale_event() -> None:
 
 
 def _saturation_run(ack_at_12: float) -> list[Decision]:
-    """8 busy workers plateau at 50 acks/s; scaled to 12, the ack rate is ack_at_12."""
-    spec = make_spec(target={"ratePerReplica": 10, "drainSeconds": 60}, replicas={"min": 1, "max": 60})
+    """8 busy workers plateau at 50 acks/s (6.25 each, as configured); scaled to 12, the ack rate is ack_at_12."""
+    spec = make_spec(target={"ratePerReplica": 6.25, "drainSeconds": 60}, replicas={"min": 1, "max": 60})
     state = PolicyState(last_active_at=NOW)
     decisions = []
     timeline = [(0, 8, 50.0), (35, 8, 50.0), (40, 12, ack_at_12), (75, 12, ack_at_12)]
@@ -494,9 +494,9 @@ def test_more_acks_from_more_replicas_is_not_saturation() -> None:
         (obs(20_000, publish=300.0, ack=52.0, current=12), False),  # still flat
     ],
 )
-def test_saturation_clears(observation: Observation, cleared: bool) -> None:
+def test_saturation_clears(observation: Observation, cleared: bool) -> None:  # noqa: D103
     saturated = _saturation_run(ack_at_12=51.0)[3]
-    spec = make_spec(target={"ratePerReplica": 10, "drainSeconds": 60}, replicas={"min": 1, "max": 60})
+    spec = make_spec(target={"ratePerReplica": 6.25, "drainSeconds": 60}, replicas={"min": 1, "max": 60})
     decision = decide(spec, observation, saturated.state, NOW + 80)
     assert decision.saturated is not cleared
 
@@ -619,3 +619,46 @@ def test_keda_parity_specs_keep_kedas_rateless_behavior() -> None:
     # backlogPerReplica alone (no SLO): an empty queue asks for min, as KEDA's QueueLength does
     spec = make_spec(target={"backlogPerReplica": 20})
     assert decide(spec, obs(0, current=10), PolicyState(last_active_at=NOW), NOW).replicas == 1
+
+
+# --------------------------------------------------------------------------- saturation without a configured cap
+
+
+def _jumped_fleet(acks: list[tuple[float, int, float]]) -> list[Decision]:
+    """A fleet that went 3 → 60 in one step (no intermediate sample to compare), then the given
+    (offset, busy replicas, ack rate) polls with 20,000 messages waiting."""
+    spec = make_spec(target={"ratePerReplica": 10, "drainSeconds": 60}, replicas={"min": 3, "max": 60})
+    state = PolicyState(last_active_at=NOW)
+    decisions = []
+    for offset, replicas, ack in acks:
+        d = decide(spec, obs(20_000, publish=400.0, ack=ack, current=replicas, consumers=replicas), state, NOW + offset)
+        decisions.append(d)
+        state = d.state
+    return decisions
+
+
+def test_a_provider_cap_shows_as_acks_well_under_what_the_fleet_sustains() -> None:
+    # 60 workers of 10/s each deliver 250/s: the provider, not the fleet, is the limit.
+    decisions = _jumped_fleet([(0, 60, 250.0), (35, 60, 250.0)])
+    assert not decisions[0].saturated  # not settled yet
+    capped = decisions[1]
+    assert capped.saturated and "saturated" in capped.limits
+    assert capped.state.saturation.cap == 30  # ceil(250 / 10 * 1.2): within 1.5x the saturation point 25
+    assert capped.recommended == 30
+
+
+def test_a_cap_that_costs_throughput_is_lifted_and_not_suspected_again_soon() -> None:
+    # Slow but parallel downstream: each worker only manages 4/s, yet more workers send more.
+    decisions = _jumped_fleet([(0, 60, 240.0), (35, 60, 240.0), (40, 29, 116.0), (75, 29, 116.0), (80, 29, 116.0)])
+    assert decisions[1].state.saturation.cap == 29
+    lifted = decisions[3]
+    assert not lifted.saturated
+    assert lifted.state.saturation_veto_until == NOW + 75 + 600
+    assert not decisions[4].saturated  # vetoed: the fleet may grow again
+    assert decisions[4].replicas == 60
+
+
+def test_a_throttle_that_lifts_clears_the_cap() -> None:
+    decisions = _jumped_fleet([(0, 60, 250.0), (35, 60, 250.0), (40, 30, 250.0), (75, 30, 299.0)])
+    assert decisions[2].saturated
+    assert not decisions[3].saturated  # 299 > 1.1 x 250: more replicas help again
