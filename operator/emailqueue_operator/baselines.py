@@ -392,9 +392,15 @@ class OurPolicy:
 
     def saturation_summary(self) -> dict[str, Any]:
         """Whether the policy raised downstream saturation, first when (simulation seconds),
-        and in how many polls."""
+        in how many polls, and the most replicas it held while saturated once its scale-down
+        window had passed."""
         times = [t for t, d in zip(self.decision_times, self.decisions) if getattr(d, "saturated", False)]
-        return {"raised": bool(times), "first_at": times[0] if times else None, "polls": len(times)}
+        # What it holds once its own scale-down window (the HPA behavior) let the cut through.
+        settle = float(self.spec.behavior.scale_down.stabilization_seconds) + self.poll_seconds
+        held = [d.replicas for t, d in zip(self.decision_times, self.decisions)
+                if getattr(d, "saturated", False) and t >= times[0] + settle]
+        return {"raised": bool(times), "first_at": times[0] if times else None, "polls": len(times),
+                "held_max": max(held) if held else None}
 
 
 def _empty_state(scaling: Any) -> Any:

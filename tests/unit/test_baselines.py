@@ -238,10 +238,22 @@ def test_ours_gets_none_for_what_the_mode_hides(mode: str, monkeypatch: pytest.M
         for name in ("unacked", "consumers", "publish_rate", "ack_rate", "oldest_age_seconds"):
             assert (getattr(observation, name) is None) is (name in hidden), (name, observation)
     summary = policy.saturation_summary()
-    assert summary == {"raised": False, "first_at": None, "polls": 0}  # nothing throttles this surge
+    assert summary == {"raised": False, "first_at": None, "polls": 0, "held_max": None}  # nothing throttles this surge
 
 
 def test_ours_stops_buying_pods_the_provider_cap_cannot_use() -> None:
     s = load_scenario("provider-cap")
     m = simulate(s, OurPolicy(baselines.scenario_spec(s), start_epoch=s.start_epoch)).metrics
     assert m.peak_replicas <= 25
+
+
+@pytest.mark.parametrize("mode", ["management", "prometheus"])
+def test_ours_finds_a_provider_cap_nobody_configured(mode: str) -> None:
+    """Issue 11: with maxSendRate withheld, the fleet is held within 1.5x the saturation point
+    (250/s ÷ 10/s = 25 replicas) once the plateau shows, and the policy says so."""
+    s = load_scenario("provider-cap-unconfigured")
+    policy = OurPolicy(baselines.scenario_spec(s), start_epoch=s.start_epoch, observation=mode)
+    simulate(s, policy)
+    summary = policy.saturation_summary()
+    assert summary["raised"] and summary["first_at"] < 600 + 120  # within two minutes of the surge
+    assert summary["held_max"] <= 1.5 * 25
