@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 from . import conditions, kube
 from .metrics import OperatorMetrics
 from .rabbitmq import AmqpEndpoint, BrokerError, BrokerPool, ManagementEndpoint, QueueStats, TlsOptions
+from .rates import counter_rate_window
 from .reconcile import Event, Facts, Failure, Plan, iso, plan
 from .scaling import PolicyState
 from .spec import EmailQueueSpec, SpecError, parse_spec
@@ -117,11 +118,6 @@ def prometheus_endpoint(spec: EmailQueueSpec, namespace: str, secrets: kube.Secr
     return PrometheusEndpoint(url, user, password, tls)
 
 
-def rate_window_seconds(spec: EmailQueueSpec) -> float:
-    """The window over which counters become rates: two polls, at least 10 s."""
-    return max(2.0 * spec.behavior.poll_seconds, 10.0)
-
-
 def probe(spec: EmailQueueSpec, namespace: str, ctx: Context) -> QueueStats:
     """Queue stats from the spec's metrics source (prometheus, management or AMQP)."""
     amqp = amqp_endpoint(spec, namespace, ctx.secrets)
@@ -130,7 +126,7 @@ def probe(spec: EmailQueueSpec, namespace: str, ctx: Context) -> QueueStats:
     if source == "prometheus":
         endpoint = prometheus_endpoint(spec, namespace, ctx.secrets)
         return ctx.pool.prometheus(endpoint).queue_stats(amqp.vhost, queue=broker.queue, queue_regex=broker.queue_regex,
-                                                         how=broker.aggregate, window_seconds=rate_window_seconds(spec))
+                                                         how=broker.aggregate, window_seconds=counter_rate_window(spec.behavior.poll_seconds))
     if source == "management":
         mgmt = management_endpoint(spec, namespace, ctx.secrets, amqp)
         return ctx.pool.management(mgmt).queue_stats(amqp.vhost, queue=broker.queue, queue_regex=broker.queue_regex,
