@@ -35,6 +35,19 @@ from .sim import Metrics, Scenario, scenario_from_mapping, simulate
 
 MIN_HEADROOM = 1.2
 SURGE_START_SECONDS = 600.0
+# What each metrics source gives the policy, and what missing signals cost (docs/benchmarks.md
+# has the figures per scenario: `ours` under every observation mode).
+METRICS_SOURCES = {
+    "prometheus": ("rabbitmq_prometheus plugin (port 15692): ready, unacked, consumers and publish/ack counters "
+                   "turned into rates over max(2 polls, 10 s); works with the management collector disabled",
+                   {"prometheusSecretRef": {"name": "rabbitmq", "urlKey": "prometheus-url"}}),
+    "management": ("management API: counts and rates on the broker's 5 s stats tick; without its metrics collector "
+                   "only queue totals (no rates: it then behaves like amqp)",
+                   {"managementSecretRef": {"name": "rabbitmq", "urlKey": "management-uri"}}),
+    "amqp": ("AMQP only: ready and consumers, no unacked, no rates: arrivals are estimated from the backlog change "
+             "and an empty queue only says 'keeping up', so capacity is given back in probing steps (more scale "
+             "actions, up to ~1.3-2x the replica-seconds of a rate source after a surge)", {}),
+}
 AFTER_SURGE_SECONDS = 1200.0
 
 
@@ -53,6 +66,7 @@ class PlanInput:
     name: str = "email"
     queue: str = "email"
     deployment: str = "email-worker"
+    metrics_source: str = "prometheus"
 
     def problems(self) -> list[str]:
         found = []
@@ -133,7 +147,8 @@ def recommend(inputs: PlanInput) -> Plan:
         target["maxSendRate"] = inputs.max_send_rate
     spec = {
         "scaleTargetRef": {"kind": "Deployment", "name": inputs.deployment},
-        "broker": {"queue": inputs.queue, "amqpSecretRef": {"name": "rabbitmq", "uriKey": "uri"}},
+        "broker": {"queue": inputs.queue, "amqpSecretRef": {"name": "rabbitmq", "uriKey": "uri"},
+                   **METRICS_SOURCES[inputs.metrics_source][1]},
         "replicas": {"min": min_replicas, "max": max_replicas},
         "target": target,
         "behavior": slo_behavior(inputs.startup_seconds, max_replicas),
@@ -175,7 +190,9 @@ def evaluate(plan: Plan) -> dict[str, Metrics]:
         "ideal-reactive": simulate(scenario, IdealReactive(scenario)).metrics,
     }
     if scaling_available():
-        results["ours (planned)"] = simulate(scenario, OurPolicy(plan.spec, name="ours (planned)")).metrics
+        # Replayed as the operator will see it through the chosen source.
+        policy = OurPolicy(plan.spec, name="ours (planned)", observation=plan.inputs.metrics_source)
+        results["ours (planned)"] = simulate(scenario, policy).metrics
     return results
 
 
@@ -196,6 +213,8 @@ def run_cli_plan(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--name", default="email", help="EmailQueue name")
     parser.add_argument("--queue", default="email", help="RabbitMQ queue")
     parser.add_argument("--deployment", default="email-worker", help="worker Deployment")
+    parser.add_argument("--metrics-source", choices=list(METRICS_SOURCES), default="prometheus",
+                        help="where the operator reads the queue (default: RabbitMQ's Prometheus plugin)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--no-simulate", action="store_true", help="only the recommendation")
     args = parser.parse_args(argv)
@@ -203,7 +222,8 @@ def run_cli_plan(argv: Sequence[str] | None = None) -> int:
                        startup_seconds=args.startup_seconds, base_rate=args.base_rate,
                        drain_seconds=args.drain_seconds, max_age_seconds=args.max_age_seconds,
                        max_send_rate=args.max_send_rate, surge_seconds=args.surge_seconds,
-                       name=args.name, queue=args.queue, deployment=args.deployment)
+                       name=args.name, queue=args.queue, deployment=args.deployment,
+                       metrics_source=args.metrics_source)
     try:
         plan = recommend(inputs)
     except PlanError as err:
@@ -221,6 +241,7 @@ def run_cli_plan(argv: Sequence[str] | None = None) -> int:
         return 0
     print(f"# min {plan.min_replicas}, max {plan.max_replicas}, drain {plan.drain_seconds:g}s, "
           f"backlogPerReplica {plan.backlog_per_replica:g}, poll {plan.poll_seconds}s")
+    print(f"# metrics source {plan.inputs.metrics_source}: {METRICS_SOURCES[plan.inputs.metrics_source][0]}")
     for warning in plan.warnings:
         print(f"# WARNING: {warning}")
     print(manifest(plan), end="")

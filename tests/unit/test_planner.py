@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -80,3 +82,19 @@ def test_cli_rejects_impossible_inputs(capsys: pytest.CaptureFixture[str]) -> No
     code = planner.run_cli_plan(["--peak-rate", "10", "--base-rate", "20", "--rate-per-replica", "10",
                                  "--startup-seconds", "30", "--drain-seconds", "60"])
     assert code == 2 and "base rate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source, ref", [("prometheus", "prometheusSecretRef"), ("management", "managementSecretRef"),
+                                         ("amqp", None)])
+def test_plan_names_the_metrics_source_and_replays_what_it_sees(source, ref):
+    from dataclasses import replace
+
+
+    plan = recommend(replace(INCIDENT, metrics_source=source))
+    broker = plan.spec["broker"]
+    assert parse_spec(plan.spec).broker.source == source
+    assert (ref in broker) if ref else not ({"prometheusSecretRef", "managementSecretRef"} & set(broker))
+    out = subprocess.run([sys.executable, "-m", "emailqueue_operator", "plan", "--peak-rate", "400", "--base-rate", "20",
+                          "--rate-per-replica", "10", "--startup-seconds", "30", "--drain-seconds", "60",
+                          "--metrics-source", source, "--no-simulate"], capture_output=True, text=True, check=True)
+    assert f"# metrics source {source}:" in out.stdout
