@@ -87,35 +87,35 @@ def amqp_endpoint(spec: EmailQueueSpec, namespace: str, secrets: kube.SecretCach
                         tls=tls)
 
 
+def _http_endpoint(spec: EmailQueueSpec, namespace: str, secrets: kube.SecretCache, ref: Any,
+                   default_user: str | None, default_password: str | None) -> tuple[str, Any, Any, TlsOptions]:
+    """URL, user, password and TLS of an HTTP endpoint named by a Secret reference."""
+    data = secrets.read(namespace, ref.name)
+    url = kube.secret_value(data, namespace, ref.name, ref.url_key).strip()
+    user = kube.secret_value(data, namespace, ref.name, ref.username_key) if ref.username_key else default_user
+    password = kube.secret_value(data, namespace, ref.name, ref.password_key) if ref.password_key else default_password
+    tls = TlsOptions(True, None, None, spec.broker.tls.insecure_skip_verify) if url.startswith("https") else TlsOptions()
+    return url, user, password, tls
+
+
 def management_endpoint(spec: EmailQueueSpec, namespace: str, secrets: kube.SecretCache,
                         amqp: AmqpEndpoint | None) -> ManagementEndpoint | None:
     ref = spec.broker.management_secret_ref
     if ref is None:
         return None
-    data = secrets.read(namespace, ref.name)
-    url = kube.secret_value(data, namespace, ref.name, ref.url_key)
     # Without their own keys the management API uses the AMQP user.
-    user = kube.secret_value(data, namespace, ref.name, ref.username_key) if ref.username_key else (
-        amqp.username if amqp else "guest")
-    password = kube.secret_value(data, namespace, ref.name, ref.password_key) if ref.password_key else (
-        amqp.password if amqp else "guest")
-    tls = TlsOptions(True, None, None, spec.broker.tls.insecure_skip_verify) if url.startswith("https") else TlsOptions()
-    return ManagementEndpoint(url.strip(), user, password, tls)
+    return ManagementEndpoint(*_http_endpoint(spec, namespace, secrets, ref, amqp.username if amqp else "guest",
+                                              amqp.password if amqp else "guest"))
 
 
 def prometheus_endpoint(spec: EmailQueueSpec, namespace: str, secrets: kube.SecretCache) -> Any:
-    """The Prometheus plugin's endpoint, or None when the spec names none."""
+    """The Prometheus plugin's endpoint (an open one needs no credentials), or None."""
     from .rabbitmq_prometheus import PrometheusEndpoint
 
     ref = spec.broker.prometheus_secret_ref
     if ref is None:
         return None
-    data = secrets.read(namespace, ref.name)
-    url = kube.secret_value(data, namespace, ref.name, ref.url_key).strip()
-    user = kube.secret_value(data, namespace, ref.name, ref.username_key) if ref.username_key else None
-    password = kube.secret_value(data, namespace, ref.name, ref.password_key) if ref.password_key else None
-    tls = TlsOptions(True, None, None, spec.broker.tls.insecure_skip_verify) if url.startswith("https") else TlsOptions()
-    return PrometheusEndpoint(url, user, password, tls)
+    return PrometheusEndpoint(*_http_endpoint(spec, namespace, secrets, ref, None, None))
 
 
 def probe(spec: EmailQueueSpec, namespace: str, ctx: Context) -> QueueStats:
@@ -125,8 +125,9 @@ def probe(spec: EmailQueueSpec, namespace: str, ctx: Context) -> QueueStats:
     source = broker.source
     if source == "prometheus":
         endpoint = prometheus_endpoint(spec, namespace, ctx.secrets)
-        return ctx.pool.prometheus(endpoint).queue_stats(amqp.vhost, queue=broker.queue, queue_regex=broker.queue_regex,
-                                                         how=broker.aggregate, window_seconds=counter_rate_window(spec.behavior.poll_seconds))
+        return ctx.pool.prometheus(endpoint).queue_stats(
+            amqp.vhost, queue=broker.queue, queue_regex=broker.queue_regex, how=broker.aggregate,
+            window_seconds=counter_rate_window(spec.behavior.poll_seconds))
     if source == "management":
         mgmt = management_endpoint(spec, namespace, ctx.secrets, amqp)
         return ctx.pool.management(mgmt).queue_stats(amqp.vhost, queue=broker.queue, queue_regex=broker.queue_regex,
