@@ -322,3 +322,17 @@ def test_target_claims_registry_follows_daemons():
     claims.release(key, "b")
     claims.release(None, "b")
     assert claims._by_target == {}
+
+
+def test_a_kube_api_timeout_reading_the_broker_secret_engages_the_fallback(monkeypatch):
+    scaled: list[int] = []
+    monkeypatch.setattr(kube, "scale_target", lambda ns, kind, name, n: scaled.append(n))
+    ctx = context(secrets=Secrets(urllib3.exceptions.ReadTimeoutError(None, "/api/v1/secrets", "Read timed out.")))
+    state = PolicyState()
+    for i in range(3):
+        ctx.clock = lambda i=i: NOW + 5 * i
+        result = poller.poll(body(), state, ctx)
+        state = result.state
+    assert scaled == [6] and result.status["consecutiveFailures"] == 3
+    metrics = next(c for c in result.status["conditions"] if c["type"] == "MetricsAvailable")
+    assert metrics["status"] == "False" and "ReadTimeoutError" in metrics["message"]
