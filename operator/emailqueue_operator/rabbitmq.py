@@ -11,14 +11,14 @@ broker as `host:port/vhost` only.
 """
 from __future__ import annotations
 
-import math
+import functools
 import re
 import ssl
 import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pika
 import pika.exceptions
@@ -109,7 +109,12 @@ class ManagementEndpoint:
 
 @dataclass(frozen=True)
 class QueueStats:
-    """One probe's view of a queue (or of the queues a regex matched, aggregated)."""
+    """One probe's view of a queue (or of the queues a regex matched, aggregated).
+
+    Several queues are composed as KEDA composes them (:func:`combine_counts`): ready + unacked
+    is the composed total and ready the composed ready count, so with ``max`` and ``avg``
+    ``unacked`` is the difference of the two, not an unacked count of its own.
+    """
 
     ready: int
     unacked: int | None
@@ -124,8 +129,34 @@ class QueueStats:
 
 # --- pure helpers -----------------------------------------------------------------
 
+AGGREGATES = ("sum", "max", "avg")
+
+
+@functools.lru_cache(maxsize=256)
+def _queue_pattern(queue_regex: str) -> re.Pattern[str]:
+    return re.compile(queue_regex, re.IGNORECASE)
+
+
+def select_queues(names: Iterable[str], queue: str | None = None, queue_regex: str | None = None) -> list[str]:
+    """The queue names an EmailQueue watches, sorted: every name `queue_regex` finds a match
+    in, else `queue` exactly (case-sensitive, as queue names are).
+
+    The regex is matched as RabbitMQ's management API matches `?use_regex=true&name=` (and so
+    KEDA's `useRegex`): an unanchored, case-insensitive search (`re:run(Name, Regex,
+    [caseless])`), so `emails` selects `emails-eu` and `bulk-EMAILS`; anchor it (`^emails$`) to
+    match whole names. Shared by every probe that lists queues (management API, Prometheus
+    plugin), so a regex selects the same queues whichever source reads them. Raises re.error
+    for a regex that does not compile (parse_spec rejects those first).
+    """
+    if queue_regex is not None:
+        pattern = _queue_pattern(queue_regex)
+        return sorted(name for name in names if pattern.search(name))
+    return [queue] if queue is not None and queue in names else []
+
+
 def aggregate(values: Iterable[float | None], how: str) -> float | None:
-    """sum / max / avg of the known values (None when none is known)."""
+    """sum / max / avg of the known values (None when none is known). For rates; counts of
+    several queues go through :func:`combine_counts`."""
     known = [v for v in values if v is not None]
     if not known:
         return None
@@ -135,6 +166,49 @@ def aggregate(values: Iterable[float | None], how: str) -> float | None:
         return float(max(known))
     if how == "avg":
         return float(sum(known)) / len(known)
+    raise ValueError(f"unknown aggregate {how!r}")
+
+
+def combine_counts(per_queue: Sequence[tuple[int, int]], how: str) -> tuple[int, int]:
+    """(ready, unacked) of several queues as one queue, the way KEDA composes them.
+
+    KEDA aggregates each queue's total (`messages` = ready + unacked) and its ready count
+    (`messages_ready`, with `excludeUnacknowledged`) separately; the backlog the policy sees is
+    ready + unacked (or ready alone when `countUnacked` is false), so the pair returned is
+    (composed ready, composed total − composed ready):
+
+    - sum: the sums;
+    - max: the largest total of any single queue (never more than one queue holds), and the
+      largest ready count;
+    - avg: the averages truncated to whole messages (Go's integer division in KEDA).
+    """
+    if how not in AGGREGATES:
+        raise ValueError(f"unknown aggregate {how!r}")
+    if not per_queue:
+        return 0, 0
+    readies = [max(0, ready) for ready, _ in per_queue]
+    totals = [max(0, ready) + max(0, unacked) for ready, unacked in per_queue]
+    if how == "sum":
+        ready, total = sum(readies), sum(totals)
+    elif how == "max":
+        ready, total = max(readies), max(totals)
+    else:
+        ready, total = sum(readies) // len(per_queue), sum(totals) // len(per_queue)
+    return ready, total - ready
+
+
+def combine_count(values: Iterable[int | None], how: str) -> int | None:
+    """One count (e.g. consumers) of several queues: sum, max, or avg truncated; unknown
+    values are left out, None when none is known."""
+    known = [max(0, v) for v in values if v is not None]
+    if not known:
+        return None
+    if how == "sum":
+        return sum(known)
+    if how == "max":
+        return max(known)
+    if how == "avg":
+        return sum(known) // len(known)
     raise ValueError(f"unknown aggregate {how!r}")
 
 
@@ -176,10 +250,6 @@ def stats_from_management(queues: list[Mapping[str, Any]], how: str, now: float,
                 f"the management API gives no {'/'.join(missing)} for queue {name!r} (a new queue's counts come "
                 "with the broker's next statistics tick; a broker without them: use broker.prometheusSecretRef)")
 
-    def agg_int(values: Iterable[float | None]) -> int | None:
-        value = aggregate(values, how)
-        return None if value is None else int(math.ceil(value))
-
     ages = []
     for queue in queues:
         stamp = queue.get("head_message_timestamp")
@@ -194,10 +264,12 @@ def stats_from_management(queues: list[Mapping[str, Any]], how: str, now: float,
             return 0.0 if queues else None
         return aggregate(values, how)
 
+    ready, unacked = combine_counts([(q["messages_ready"], q["messages_unacknowledged"]) for q in queues], how)
     return QueueStats(
-        ready=agg_int(q["messages_ready"] for q in queues) or 0,
-        unacked=agg_int(q["messages_unacknowledged"] for q in queues),
-        consumers=agg_int(q.get("consumers") if with_rates and _is_count(q.get("consumers")) else None for q in queues),
+        ready=ready,
+        unacked=unacked if queues else None,
+        consumers=combine_count((q.get("consumers") if with_rates and _is_count(q.get("consumers")) else None
+                                 for q in queues), how),
         publish_rate=rate("publish"), ack_rate=rate("ack"), deliver_rate=rate("deliver_get"),
         oldest_age_seconds=aggregate(ages, "max") if with_rates else None,
         queues=tuple(sorted(str(q.get("name")) for q in queues)), source="management" if with_rates else "management-totals")
@@ -421,15 +493,16 @@ class ManagementProbe:
     def queue_stats(self, vhost: str, queue: str | None = None, queue_regex: str | None = None,
                     how: str = "sum") -> QueueStats:
         queues, with_rates = self._list_queues(vhost)
-        if queue_regex is not None:
-            pattern = re.compile(queue_regex)
-            matched = [q for q in queues if pattern.fullmatch(str(q.get("name", "")))]
-            if not matched:
+        try:
+            selected = set(select_queues([str(q.get("name", "")) for q in queues], queue, queue_regex))
+        except re.error:
+            raise BrokerError(f"queueRegex {queue_regex!r} is not a valid regular expression") from None
+        matched = [q for q in queues if str(q.get("name", "")) in selected]
+        if not matched:
+            # Blind, not an empty backlog: a typo or the wrong vhost looks exactly like this.
+            if queue_regex is not None:
                 raise QueueNotFound(f"no queue matches {queue_regex!r} in vhost {vhost!r} on {self.endpoint.display}")
-        else:
-            matched = [q for q in queues if q.get("name") == queue]
-            if not matched:
-                raise QueueNotFound(f"queue {queue!r} not found in vhost {vhost!r} on {self.endpoint.display}")
+            raise QueueNotFound(f"queue {queue!r} not found in vhost {vhost!r} on {self.endpoint.display}")
         return stats_from_management(matched, how, self.wall(), with_rates=with_rates)
 
     def close(self) -> None:

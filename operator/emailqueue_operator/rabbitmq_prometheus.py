@@ -46,7 +46,8 @@ import requests
 import requests.adapters
 from prometheus_client.parser import text_string_to_metric_families
 
-from .rabbitmq import BrokerAuthError, BrokerError, QueueNotFound, QueueStats, TlsOptions, _Backoff, aggregate
+from .rabbitmq import (BrokerAuthError, BrokerError, QueueNotFound, QueueStats, TlsOptions, _Backoff, aggregate,
+                       combine_count, combine_counts, select_queues)
 from .rates import counter_rate
 
 PROMETHEUS_DEFAULT_PORT = 15692
@@ -241,15 +242,6 @@ def _queue_of(labels: Mapping[str, str], vhost_label: str, name: str) -> tuple[s
         raise ValueError(f"{name} lacks the {vhost_label!r} or 'queue' label") from None
 
 
-def select_queues(names: Iterable[str], queue: str | None = None, queue_regex: str | None = None) -> list[str]:
-    """The queue names an EmailQueue watches: every name `queue_regex` matches in full
-    (`re.fullmatch`, as ManagementProbe does), else `queue` exactly; sorted."""
-    if queue_regex is not None:
-        pattern = re.compile(queue_regex)
-        return sorted(n for n in names if pattern.fullmatch(n))
-    return [queue] if queue is not None and queue in names else []
-
-
 # --- pure: counters → rates over the operator's own window ---------------------------
 
 def series_increase(previous: Mapping[SeriesKey, float], current: Mapping[SeriesKey, float]) -> float:
@@ -326,8 +318,8 @@ def stats_from_scrape(scrape: Scrape, accumulator: CounterAccumulator, vhost: st
                                  f"in vhost {vhost!r}")
         per_queue.append(metrics)
 
-    def gauge(key: str) -> int:
-        return int(math.ceil(aggregate((getattr(m, key) for m in per_queue), how) or 0))
+    def count(value: float | None) -> int:
+        return int(math.ceil(value or 0.0))  # gauges are whole counts carried as floats
 
     def rate(kind: str) -> float | None:
         rates = [accumulator.rate(vhost, name, kind, now, window) for name in names]
@@ -335,7 +327,9 @@ def stats_from_scrape(scrape: Scrape, accumulator: CounterAccumulator, vhost: st
         # a sum over the others would understate it.
         return None if any(r is None for r in rates) else aggregate(rates, how)
 
-    return QueueStats(ready=gauge("ready"), unacked=gauge("unacked"), consumers=gauge("consumers"),
+    ready, unacked = combine_counts([(count(m.ready), count(m.unacked)) for m in per_queue], how)
+    consumers = combine_count((count(m.consumers) for m in per_queue), how)
+    return QueueStats(ready=ready, unacked=unacked, consumers=consumers or 0,
                       publish_rate=rate("publish"), ack_rate=rate("ack"), deliver_rate=rate("deliver"),
                       oldest_age_seconds=None, queues=tuple(names), source="prometheus")
 

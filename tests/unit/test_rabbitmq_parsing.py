@@ -1,9 +1,15 @@
 """Broker probe helpers that need no broker: URIs, aggregation, management stats."""
 from __future__ import annotations
 
-import pytest
+import json
+import urllib.parse
 
-from emailqueue_operator.rabbitmq import (AmqpEndpoint, BrokerError, MetricsUnavailable, _Backoff, aggregate,
+import pytest
+import requests
+import requests.adapters
+
+from emailqueue_operator.rabbitmq import (AmqpEndpoint, BrokerError, ManagementEndpoint, ManagementProbe,
+                                          MetricsUnavailable, QueueNotFound, _Backoff, aggregate, combine_counts,
                                           stats_from_management)
 
 
@@ -55,6 +61,42 @@ def test_stats_from_management_aggregates_regex_matches():
     assert total.queues == ("emails-a", "emails-b")
     assert stats_from_management(queues, "max", now=1000.0).ready == 100
     assert stats_from_management(queues, "avg", now=1000.0).ready == 75
+
+
+def _queue(name, ready, unacked):
+    return {"name": name, "messages_ready": ready, "messages_unacknowledged": unacked, "consumers": 1}
+
+
+@pytest.mark.parametrize(("how", "ready", "total"), [
+    ("sum", 35, 60),
+    # the fullest single queue holds 30 (25 + 5 and 10 + 20 alike): never 25 + 20 = 45
+    ("max", 25, 30),
+    # KEDA truncates the average: (25 + 10) // 2 = 17 ready, 60 // 2 = 30 in all
+    ("avg", 17, 30),
+])
+def test_several_queues_are_composed_as_keda_composes_them(how, ready, total):
+    stats = stats_from_management([_queue("a", 25, 5), _queue("b", 10, 20)], how, now=0.0)
+    assert (stats.ready, stats.ready + stats.unacked) == (ready, total)
+
+
+def test_average_truncates_to_whole_messages():
+    stats = stats_from_management([_queue("a", 1, 0), _queue("b", 2, 0)], "avg", now=0.0)
+    assert (stats.ready, stats.unacked, stats.consumers) == (1, 0, 1)  # 3 // 2, as Go's integer division
+
+
+@pytest.mark.parametrize(("pairs", "how", "expected"), [
+    ([], "sum", (0, 0)),
+    ([(3, 1)], "max", (3, 1)),
+    ([(0, 9), (8, 0)], "max", (8, 1)),  # ready 8 from one queue, total 9 from the other
+    ([(4, 1), (3, 1)], "avg", (3, 1)),  # 7 // 2 = 3 ready, 9 // 2 = 4 in all
+])
+def test_combine_counts(pairs, how, expected):
+    assert combine_counts(pairs, how) == expected
+
+
+def test_combine_counts_rejects_an_unknown_aggregate():
+    with pytest.raises(ValueError):
+        combine_counts([(1, 1)], "median")
 
 
 def test_queue_without_traffic_has_zero_rates_not_unknown():
@@ -111,3 +153,51 @@ def test_queue_totals_without_collector_are_counts_only():
 def test_live_state_of_a_broker_without_collector_is_not_a_dead_queue():
     with pytest.raises(MetricsUnavailable, match="next statistics tick"):
         stats_from_management([{"name": "q", "state": "live"}], "sum", now=0.0)
+
+
+class _Api(requests.adapters.BaseAdapter):
+    """A management API answering from memory: /api/overview and /api/queues/<vhost>."""
+
+    def __init__(self, queues):
+        super().__init__()
+        self.queues, self.paths = queues, []
+
+    def send(self, request, **kwargs):
+        path = urllib.parse.urlsplit(request.url).path
+        self.paths.append(path)
+        body = {"disable_stats": False} if path.endswith("/api/overview") else self.queues
+        resp = requests.Response()
+        resp.status_code, resp.request, resp.url = 200, request, request.url
+        resp._content = json.dumps(body).encode()
+        resp.headers["Content-Type"] = "application/json"
+        return resp
+
+    def close(self):
+        pass
+
+
+def _management(queues, url="http://rabbit:15672"):
+    api = _Api(queues)
+    probe = ManagementProbe(ManagementEndpoint(url, "u", "p"), cache_seconds=0.0)
+    probe._session.mount("http://", api)
+    return probe, api
+
+
+def test_management_regex_is_searched_like_rabbitmq_use_regex():
+    queues = [_queue("emails-eu", 3, 0), _queue("bulk-EMAILS", 4, 0), _queue("other", 100, 0)]
+    probe, _ = _management(queues)
+    stats = probe.queue_stats("/", queue_regex="emails")
+    assert stats.queues == ("bulk-EMAILS", "emails-eu") and stats.ready == 7
+    assert probe.queue_stats("/", queue_regex="^emails").queues == ("emails-eu",)
+
+
+def test_management_regex_matching_nothing_is_blind_not_zero():
+    probe, _ = _management([_queue("other", 0, 0)])
+    with pytest.raises(QueueNotFound, match="no queue matches"):
+        probe.queue_stats("/", queue_regex="^emails")
+
+
+def test_management_url_path_prefix_and_vhost_quoting():
+    probe, api = _management([_queue("q", 1, 0)], url="http://rabbit:15672/rabbitmq/")
+    probe.queue_stats("/", queue="q")
+    assert api.paths[-1] == "/rabbitmq/api/queues/%2F"

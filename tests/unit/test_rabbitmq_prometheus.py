@@ -141,12 +141,21 @@ def test_gauge_without_queue_label_is_a_parse_error():
 
 @pytest.mark.parametrize(("names", "queue", "regex", "selected"), [
     (["emails", "emails-b", "other"], "emails", None, ["emails"]),      # exact name
+    (["Emails", "other"], "emails", None, []),                          # a name is case-sensitive
     (["emails", "other"], "nope", None, []),                           # absent
-    (["emails-a", "emails-b", "x-emails-c"], None, r"emails-.*", ["emails-a", "emails-b"]),  # full match, not search
-    (["emails-a", "emails-b"], None, r"emails", []),                   # a prefix is not a match
+    # a regex is searched, unanchored and case-insensitive, as RabbitMQ's use_regex (and KEDA) does
+    (["emails-a", "emails-b", "x-emails-c"], None, r"emails-.*", ["emails-a", "emails-b", "x-emails-c"]),
+    (["emails-a", "EMAILS-b", "other"], None, r"emails", ["EMAILS-b", "emails-a"]),
+    (["emails-a", "emails-b", "x-emails-c"], None, r"^emails-.*$", ["emails-a", "emails-b"]),  # anchored: whole names
+    (["emails-a"], None, r"^nothing$", []),
 ])
-def test_select_queues_fullmatch(names, queue, regex, selected):
+def test_select_queues_searches_like_rabbitmq(names, queue, regex, selected):
     assert select_queues(names, queue, regex) == selected
+
+
+def test_both_probes_share_one_queue_selection():
+    from emailqueue_operator import rabbitmq, rabbitmq_prometheus
+    assert rabbitmq_prometheus.select_queues is rabbitmq.select_queues
 
 
 # --- counters → rates -------------------------------------------------------------
@@ -241,8 +250,12 @@ def test_regex_aggregates_and_an_unknown_rate_is_not_summed_as_zero():
     acc.observe(10, scrape)
     both = stats_from_scrape(scrape, acc, "v", ["emails", "other"], "sum", 10, 10, "d")
     assert (both.ready, both.unacked, both.consumers) == (8, 2, 2) and both.ack_rate == 0.0
-    assert stats_from_scrape(scrape, acc, "v", ["emails", "other"], "max", 10, 10, "d").ready == 7
-    assert stats_from_scrape(scrape, acc, "v", ["emails", "other"], "avg", 10, 10, "d").ready == 4  # ceil(3.5)
+    # composed as KEDA composes them (rabbitmq.combine_counts): max is the fullest single queue
+    # (emails: 7 ready + 2 unacked = 9), avg the truncated per-queue average ((9 + 1) // 2 = 5)
+    biggest = stats_from_scrape(scrape, acc, "v", ["emails", "other"], "max", 10, 10, "d")
+    assert (biggest.ready, biggest.ready + biggest.unacked, biggest.consumers) == (7, 9, 2)
+    average = stats_from_scrape(scrape, acc, "v", ["emails", "other"], "avg", 10, 10, "d")
+    assert (average.ready, average.ready + average.unacked, average.consumers) == (4, 5, 1)
     fresh = CounterAccumulator()
     fresh.observe(0, _scrape({}, queue="emails"))
     fresh.observe(10, scrape)  # 'other' first seen now: its rate is unknown, so is the sum
