@@ -69,8 +69,8 @@ def amqp_endpoint(spec: EmailQueueSpec, namespace: str, secrets: kube.SecretCach
     tls = _tls(spec, data, namespace, ref.name)
     if ref.uri_key:
         endpoint = AmqpEndpoint.from_uri(kube.secret_value(data, namespace, ref.name, ref.uri_key), tls)
-        # spec.broker.vhost wins over the URI's path only when the URI names none.
-        if spec.broker.vhost != "/" and endpoint.vhost == "/":
+        # spec.broker.vhost, when set, wins over the URI's (as KEDA's vhostName does).
+        if spec.broker.vhost is not None and spec.broker.vhost != endpoint.vhost:
             endpoint = AmqpEndpoint(endpoint.host, endpoint.port, spec.broker.vhost, endpoint.username,
                                     endpoint.password, endpoint.tls)
         return endpoint
@@ -81,7 +81,7 @@ def amqp_endpoint(spec: EmailQueueSpec, namespace: str, secrets: kube.SecretCach
     except ValueError:
         raise kube.SecretError(f"Secret {namespace}/{ref.name} key {ref.port_key!r} is not a port number",
                                "SecretInvalid") from None
-    return AmqpEndpoint(host=host.strip(), port=port, vhost=spec.broker.vhost,
+    return AmqpEndpoint(host=host.strip(), port=port, vhost=spec.broker.vhost or "/",
                         username=kube.secret_value(data, namespace, ref.name, ref.username_key or "username"),
                         password=kube.secret_value(data, namespace, ref.name, ref.password_key or "password"),
                         tls=tls)

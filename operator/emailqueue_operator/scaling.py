@@ -31,12 +31,17 @@ One poll, in order:
    ``age_now`` is the broker's head-message age when given, else Little's law
    ``B / throughput``.
 3. **HPA shaping**, exactly as ``pkg/controller/podautoscaler`` does it: tolerance
-   (``|raw/current − 1| <= tolerance`` keeps current), stabilization (scale-up takes the
-   minimum recommendation over its window, scale-down the maximum over its window;
-   windows are exclusive of their start like ``time.After``), rate policies from the
-   replicas at the start of each policy's period (Percent down truncates, as the HPA does),
-   then ``[min, max]``. Before shaping, the recommendation is capped by
-   ``ceil(maxSendRate / μ)`` and, while saturated, by the replica count already running.
+   (``(1 − scaleDown tolerance) <= raw/current <= (1 + scaleUp tolerance)`` keeps current;
+   for the backlog term the ratio is ``B / (backlogPerReplica × current)``, the HPA's
+   external per-pod formula, so boundary cases round as upstream's do), stabilization
+   (scale-up takes the minimum recommendation over its window, scale-down the maximum over
+   its window; windows are exclusive of their start like ``time.After``), rate policies from
+   the replicas at the start of each policy's period (Percent down truncates, as the HPA
+   does), then ``[min, max]``. The first measured poll of a running target records its
+   current count (clamped to ``max``) as a recommendation, as the HPA does on its first
+   reconcile, so taking over a fleet waits out the scale-down window before shrinking it.
+   Before shaping, the recommendation is capped by ``ceil(maxSendRate / μ)`` and, while
+   saturated, by the replica count already running.
 4. **KEDA zero handling.** At 0 replicas the fleet wakes only when ``B > activationBacklog``
    (or an announced campaign is due), to at least ``max(min, 1)``. With ``min == 0`` a
    running fleet goes to 0 only after ``cooldownSeconds`` without any activity (backlog 0,
@@ -654,6 +659,18 @@ def _update_saturation(
     return out(sample, None)
 
 
+def _usage_ratio(spec: EmailQueueSpec, driver: str | None, raw: float, rates: _Rates, current: int) -> float:
+    """demand ÷ current for the tolerance check, computed as the HPA computes it for a KEDA
+    metric (``usage / (target × replicas)``) where the driving term is KEDA's, so a ratio
+    on a tolerance boundary rounds exactly as upstream's does."""
+    target = spec.target
+    if driver == "backlog" and target.backlog_per_replica is not None:
+        return rates.backlog / (target.backlog_per_replica * current)
+    if driver == "messageRate" and target.message_rate_per_replica is not None and rates.arrival is not None:
+        return rates.arrival / (target.message_rate_per_replica * current)
+    return raw / current
+
+
 def _demand_terms(
     spec: EmailQueueSpec, obs: Observation, rates: _Rates, now: float
 ) -> tuple[dict[str, float], list[str]]:
@@ -738,7 +755,8 @@ def _keep_up(spec: EmailQueueSpec, obs: Observation, state: PolicyState, rates: 
                           short_hold=min(2 * hold, KEEPUP_MEMORY_MAX_SECONDS) if again else KEEPUP_MEMORY_SECONDS)
 
         return _KeepUp(float(current), "messages waiting (no rate source): not giving back capacity", memory)
-    step = max(state.keepup_step or KEEPUP_STEP_MIN, min(KEEPUP_STEP_MAX, spec.behavior.tolerance + 0.05))
+    # A step inside the scale-down tolerance would be absorbed by it.
+    step = max(state.keepup_step or KEEPUP_STEP_MIN, min(KEEPUP_STEP_MAX, spec.behavior.scale_down_tolerance + 0.05))
     if state.keepup_replicas == current and state.keepup_since is not None:
         since = state.keepup_since
     else:
@@ -851,9 +869,12 @@ def _decide_measured(spec: EmailQueueSpec, obs: Observation, state: PolicyState,
 
     lower = max(bounds.min, 1)
     desired = math.ceil(raw - EPSILON) if raw > 0 else 0
-    if current > 0 and desired != current and abs(raw / current - 1.0) <= behavior.tolerance:
-        desired = current
-        limits.append("tolerance")
+    driver = max(terms, key=lambda name: terms[name]) if terms else None
+    if current > 0 and desired != current:
+        ratio = _usage_ratio(spec, driver, raw, rates, current)
+        if (1.0 - behavior.scale_down_tolerance) <= ratio <= (1.0 + behavior.scale_up_tolerance):
+            desired = current
+            limits.append("tolerance")
     mu = rates.per_replica
     if spec.target.max_send_rate is not None and mu is not None:
         send_cap = max(1, math.ceil(spec.target.max_send_rate / mu - EPSILON))
@@ -868,6 +889,12 @@ def _decide_measured(spec: EmailQueueSpec, obs: Observation, state: PolicyState,
             limits.append("saturated")
             notes.append(f"{saturation.evidence()} → downstream throttling; holding {hold}")
     recommended = desired
+
+    # The HPA's first reconcile of a target records its current count as a recommendation
+    # (recordInitialRecommendation): a fleet taken over at 10 with demand 2 waits out the
+    # scale-down window. Above max it is recorded as max, the count the HPA scales it to.
+    if current > 0 and state.last_at is None and not recommendations:
+        recommendations = ((now, min(current, bounds.max)),)
 
     # HPA stabilization: up takes the min over its window, down the max over its window.
     up_rules, down_rules = behavior.scale_up, behavior.scale_down
@@ -912,7 +939,8 @@ def _decide_measured(spec: EmailQueueSpec, obs: Observation, state: PolicyState,
             replicas = allowed
             limits.append("scaleDownPolicy")
             notes.append(f"scale-down policy allows {allowed} now")
-    if replicas > bounds.max:
+    if replicas > bounds.max or (current > bounds.max and replicas == bounds.max):
+        # (a fleet found above max is cut to max whatever else holds it: the HPA's rule)
         replicas = bounds.max
         limits.append("max")
         notes.append(f"max {bounds.max}")
@@ -926,7 +954,6 @@ def _decide_measured(spec: EmailQueueSpec, obs: Observation, state: PolicyState,
             limits.append("min")
             notes.append(f"min {lower}")
 
-    driver = max(terms, key=lambda name: terms[name]) if terms else None
     reason = summary
     if driver is not None:
         reason += f"; {driver} term {terms[driver]:.1f}"

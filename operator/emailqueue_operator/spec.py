@@ -67,6 +67,9 @@ FALLBACK_MODES: Final = ("static", "currentIfHigher")
 # backlog term would dominate every decision and defeat the SLO.
 DEFAULT_BACKLOG_PER_REPLICA: Final = 20.0
 MAX_REPLICAS_LIMIT: Final = 10_000
+# The HPA sets no upper bound on behavior.scaleUp/scaleDown.tolerance; 100 (demand a hundred
+# times the fleet before scaling up) is past any useful value and keeps the number sane.
+MAX_DIRECTION_TOLERANCE: Final = 100.0
 
 
 class SpecError(ValueError):
@@ -135,7 +138,8 @@ class BrokerSpec:
     queue: str | None = None
     queue_regex: str | None = None
     aggregate: str = "sum"
-    vhost: str = "/"
+    vhost: str | None = None
+    """Wins over the AMQP URI's vhost when set (KEDA's ``vhostName``); None: the URI's, else ``/``."""
     amqp_secret_ref: AmqpSecretRef | None = None
     management_secret_ref: ManagementSecretRef | None = None
     prometheus_secret_ref: ManagementSecretRef | None = None
@@ -195,6 +199,8 @@ class ScalingRules:
     stabilization_seconds: int
     select_policy: str
     policies: tuple[ScalingPolicy, ...]
+    tolerance: float | None = None
+    """HPA ``behavior.scaleUp/scaleDown.tolerance`` (Kubernetes 1.33+); None: ``behavior.tolerance``."""
 
 
 DEFAULT_SCALE_UP_POLICIES: Final = (ScalingPolicy("Percent", 100, 15), ScalingPolicy("Pods", 4, 15))
@@ -215,9 +221,20 @@ class BehaviorSpec:
 
     poll_seconds: int = 5
     tolerance: float = 0.1
+    """Default of both directions' tolerance (the HPA's ``--horizontal-pod-autoscaler-tolerance``)."""
     cooldown_seconds: int = 300
     scale_up: ScalingRules = field(default_factory=_default_scale_up)
     scale_down: ScalingRules = field(default_factory=_default_scale_down)
+
+    @property
+    def scale_up_tolerance(self) -> float:
+        """Demand up to ``(1 + this) × current`` keeps the current count."""
+        return self.tolerance if self.scale_up.tolerance is None else self.scale_up.tolerance
+
+    @property
+    def scale_down_tolerance(self) -> float:
+        """Demand down to ``(1 − this) × current`` keeps the current count."""
+        return self.tolerance if self.scale_down.tolerance is None else self.scale_down.tolerance
 
 
 @dataclass(frozen=True)
@@ -471,7 +488,7 @@ def _parse_broker(r: _Reader, spec: Mapping[str, Any], policy_only: bool) -> Bro
         r.problem(path, "set exactly one of queue or queueRegex")
     if queue_regex is not None:
         try:
-            re.compile(queue_regex)
+            re.compile(queue_regex, re.IGNORECASE)  # as rabbitmq.select_queues compiles it
         except re.error as err:
             r.problem(f"{path}.queueRegex", f"does not compile: {err}")
 
@@ -523,7 +540,7 @@ def _parse_broker(r: _Reader, spec: Mapping[str, Any], policy_only: bool) -> Bro
         queue=queue,
         queue_regex=queue_regex,
         aggregate=r.enum(m, "aggregate", path, AGGREGATES, "sum"),
-        vhost=r.string(m, "vhost", path, default="/"),
+        vhost=r.string(m, "vhost", path, default=None),
         amqp_secret_ref=amqp,
         management_secret_ref=mgmt,
         prometheus_secret_ref=prom,
@@ -631,6 +648,7 @@ def _parse_rules(
         ),
         select_policy=r.enum(m, "selectPolicy", path, SELECT_POLICIES, default.select_policy),
         policies=policies,
+        tolerance=r.number(m, "tolerance", path, default=None, minimum=0.0, maximum=MAX_DIRECTION_TOLERANCE),
     )
 
 

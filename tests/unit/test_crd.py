@@ -118,6 +118,20 @@ def test_crd_defaults_equal_parser_defaults(root: dict[str, Any], user_spec: dic
     assert parse_spec(defaulted) == parse_spec(user_spec)
 
 
+def test_fields_whose_absence_means_something_have_no_schema_default(root: dict[str, Any]) -> None:
+    nodes = dict(walk(root))
+    # unset vhost: the AMQP URI's vhost (a defaulted "/" would override it)
+    assert "default" not in nodes["spec.broker.vhost"]
+    assert "wins over" in nodes["spec.broker.vhost"]["description"]
+    # unset direction tolerance: behavior.tolerance
+    for direction in ("scaleUp", "scaleDown"):
+        node = nodes[f"spec.behavior.{direction}.tolerance"]
+        assert "default" not in node and "behavior.tolerance" in node["description"]
+    # the regex semantics and the no-match choice are documented where users read them
+    regex = nodes["spec.broker.queueRegex"]["description"]
+    assert "case-insensitive" in regex and "QueueNotFound" in regex
+
+
 def test_backlog_per_replica_has_no_schema_default(root: dict[str, Any]) -> None:
     # Its default (20) is conditional on no SLO target being set, which only the parser can do.
     node = root["properties"]["spec"]["properties"]["target"]["properties"]["backlogPerReplica"]
@@ -152,6 +166,8 @@ def test_enums_match_parser(root: dict[str, Any], path: str, allowed: tuple[str,
         ("spec.target.ratePerReplica", "number"),
         ("spec.target.maxSendRate", "number"),
         ("spec.behavior.tolerance", "number"),
+        ("spec.behavior.scaleUp.tolerance", "number"),
+        ("spec.behavior.scaleDown.tolerance", "number"),
         ("spec.behavior.pollSeconds", "integer"),
         ("spec.fallback.replicas", "integer"),
         ("spec.schedule[].start", "string"),

@@ -57,3 +57,27 @@ def test_management_defaults_to_the_amqp_user():
     mgmt = management_endpoint(spec, "ns", secrets, amqp)
     assert (mgmt.url, mgmt.username, mgmt.password) == ("http://rabbit:15672", "u", "p")
     assert "password" not in repr(mgmt)
+
+
+@pytest.mark.parametrize(("uri", "spec_vhost", "expected"), [
+    # spec.broker.vhost, when set, wins over the URI's vhost (KEDA's vhostName wins the same way)
+    ("amqp://u:p@rabbit:5672/from-uri", "mail", "mail"),
+    ("amqp://u:p@rabbit:5672/from-uri", "/", "/"),
+    # unset: the URI's vhost, else /
+    ("amqp://u:p@rabbit:5672/from-uri", None, "from-uri"),
+    ("amqp://u:p@rabbit:5672/emails%2Fprod", None, "emails/prod"),
+    ("amqp://u:p@rabbit:5672/", None, "/"),
+    ("amqp://u:p@rabbit:5672", None, "/"),
+])
+def test_spec_vhost_wins_over_the_uri(uri, spec_vhost, expected):
+    secrets = Secrets({"rmq": {"uri": uri}})
+    broker = {} if spec_vhost is None else {"vhost": spec_vhost}
+    ep = amqp_endpoint(_spec({"name": "rmq", "uriKey": "uri"}, **broker), "ns", secrets)
+    assert ep.vhost == expected
+
+
+def test_host_key_without_spec_vhost_is_the_root_vhost():
+    secrets = Secrets({"rmq": {"host": "rabbit", "user": "u", "pass": "p"}})
+    ep = amqp_endpoint(_spec({"name": "rmq", "hostKey": "host", "usernameKey": "user", "passwordKey": "pass"}),
+                       "ns", secrets)
+    assert ep.vhost == "/"

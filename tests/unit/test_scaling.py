@@ -303,6 +303,78 @@ def test_scale_down_waits_for_the_stabilization_window() -> None:
     assert later.replicas == 3
 
 
+def test_taking_over_a_running_fleet_waits_out_the_scale_down_window() -> None:
+    # The HPA records the current count as its first recommendation: an EmailQueue that takes
+    # over a Deployment at 10 with demand for 2 does not cut it at once.
+    spec = default_spec(replicas={"min": 1, "max": 50})  # scaleDown window 300 s
+    first = decide(spec, obs(40, current=10, publish=0.0), PolicyState(), NOW)  # wants 2
+    assert first.replicas == 10
+    assert "stabilization" in first.limits
+    held = decide(spec, obs(40, current=10, publish=0.0), first.state, NOW + 299)
+    assert held.replicas == 10
+    after = decide(spec, obs(40, current=10, publish=0.0), held.state, NOW + 300)
+    assert after.replicas == 2
+
+
+def test_taking_over_above_max_goes_to_max_and_holds_there() -> None:
+    spec = default_spec(replicas={"min": 1, "max": 6})
+    first = decide(spec, obs(40, current=10, publish=0.0), PolicyState(), NOW)
+    assert first.replicas == 6 and "max" in first.limits
+    # recorded as 6 (what the HPA scales it to), not 10: a raised max does not bring 10 back
+    assert first.state.recommendations[0] == (NOW, 6)
+
+
+def test_first_poll_of_a_fleet_at_zero_records_nothing() -> None:
+    spec = default_spec(replicas={"min": 0, "max": 50}, behavior={"scaleUp": {"stabilizationSeconds": 60}})
+    woken = decide(spec, obs(100, current=0), PolicyState(), NOW)
+    assert woken.replicas == 4  # KEDA 0 -> 1 activation, then the scale-up policy; no 0 held in the window
+
+
+@pytest.mark.parametrize(
+    ("backlog", "tolerance", "expected"),
+    [
+        # 110 messages, 10 per replica, 10 replicas: ratio 1.1 is on the boundary, kept (HPA: <=)
+        (110, 0.1, 10),
+        (111, 0.1, 12),
+        (90, 0.1, 10),
+        (89, 0.1, 9),
+        # at 0.3 the boundaries 0.7 and 1.3 are kept too
+        (70, 0.3, 10),
+        (130, 0.3, 10),
+        (69, 0.3, 7),
+        (131, 0.3, 14),
+    ],
+)
+def test_tolerance_boundaries_are_kept_as_the_hpa_keeps_them(backlog: int, tolerance: float, expected: int) -> None:
+    spec = make_spec(target={"backlogPerReplica": 10}, behavior={**UNSHAPED, "tolerance": tolerance})
+    assert run(spec, obs(backlog, current=10, publish=0.0)).replicas == expected
+
+
+@pytest.mark.parametrize(
+    ("behavior", "backlog", "expected"),
+    [
+        # scale-up tolerance 0.5: 14 wanted of 10 is within (1.4 <= 1.5)
+        ({"scaleUp": {"tolerance": 0.5}}, 140, 10),
+        # ... while the scale-down side keeps the shared 0.1: 8 wanted is outside
+        ({"scaleUp": {"tolerance": 0.5}}, 80, 8),
+        # scale-down tolerance 0: any drop scales down, scale-up keeps 0.1
+        ({"scaleDown": {"tolerance": 0}}, 95, 10 - 0),
+        ({"scaleDown": {"tolerance": 0}}, 89, 9),
+        ({"scaleDown": {"tolerance": 0}}, 105, 10),
+        # both given: the shared one is not used
+        ({"tolerance": 0.9, "scaleUp": {"tolerance": 0}, "scaleDown": {"tolerance": 0}}, 101, 11),
+    ],
+)
+def test_scale_up_and_scale_down_tolerances_are_separate(behavior: dict[str, Any], backlog: int, expected: int) -> None:
+    merged = {
+        "scaleDown": {"stabilizationSeconds": 0, **behavior.get("scaleDown", {})},
+        "scaleUp": {**UNSHAPED["scaleUp"], **behavior.get("scaleUp", {})},
+        **{k: v for k, v in behavior.items() if k not in ("scaleUp", "scaleDown")},
+    }
+    spec = make_spec(target={"backlogPerReplica": 10}, behavior=merged)
+    assert run(spec, obs(backlog, current=10, publish=0.0)).replicas == expected
+
+
 def test_scale_up_stabilization_takes_the_window_minimum() -> None:
     spec = default_spec(replicas={"min": 1, "max": 50}, behavior={"scaleUp": {"stabilizationSeconds": 60}})
     state = PolicyState(recommendations=((NOW - 30, 5),), last_active_at=NOW)

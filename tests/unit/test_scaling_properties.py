@@ -212,6 +212,8 @@ def test_pruned_history_matches_hpa_full_history_stabilization(
     current, now = 1, NOW
     for backlog, gap in steps:
         now += gap
+        if not history:
+            history.append((now, current))  # the HPA's recordInitialRecommendation
         desired = backlog
         up = min([desired] + [r for t, r in history if t > now - up_window])
         down = max([desired] + [r for t, r in history if t > now - down_window])

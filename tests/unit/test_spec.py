@@ -32,7 +32,7 @@ def test_minimal_spec_gets_crd_defaults() -> None:
     spec = parse_spec(MINIMAL)
     assert spec.scale_target.api_version == "apps/v1"
     assert spec.scale_target.kind == "Deployment"
-    assert spec.broker.vhost == "/"
+    assert spec.broker.vhost is None  # unset: the AMQP URI's vhost, else /
     assert spec.broker.aggregate == "sum"
     assert spec.broker.amqp_secret_ref == AmqpSecretRef("rabbit", uri_key="uri")
     assert (spec.replicas.min, spec.replicas.max, spec.replicas.activation_backlog) == (1, 10, 0)
@@ -291,3 +291,29 @@ def test_overlapping_campaigns_add_up() -> None:
 def test_metrics_source_resolves(broker: dict[str, Any], source: str) -> None:
     spec = parse_spec(with_(broker={"queue": "q", "amqpSecretRef": AMQP, **broker}))
     assert spec.broker.source == source
+
+
+@pytest.mark.parametrize(
+    ("behavior", "up", "down"),
+    [
+        ({}, 0.1, 0.1),  # both default to behavior.tolerance
+        ({"tolerance": 0.2}, 0.2, 0.2),
+        ({"scaleUp": {"tolerance": 0.5}}, 0.5, 0.1),  # HPA behavior.scaleUp.tolerance (1.33+)
+        ({"tolerance": 0.3, "scaleDown": {"tolerance": 0}}, 0.3, 0.0),
+        ({"scaleUp": {"tolerance": 2}, "scaleDown": {"tolerance": 0.36}}, 2.0, 0.36),  # upstream's own values
+    ],
+)
+def test_scale_up_and_scale_down_tolerances(behavior: dict[str, Any], up: float, down: float) -> None:
+    spec = parse_spec(with_(behavior=behavior))
+    assert (spec.behavior.scale_up_tolerance, spec.behavior.scale_down_tolerance) == (up, down)
+
+
+@pytest.mark.parametrize("value", [-0.1, 101, "0.1", True])
+def test_direction_tolerance_bounds(value: Any) -> None:
+    with pytest.raises(SpecError, match=r"spec\.behavior\.scaleDown\.tolerance"):
+        parse_spec(with_(behavior={"scaleDown": {"tolerance": value}}))
+
+
+def test_vhost_is_unset_unless_given() -> None:
+    assert parse_spec(MINIMAL).broker.vhost is None
+    assert parse_spec(with_(broker={"queue": "q", "vhost": "mail", "amqpSecretRef": AMQP})).broker.vhost == "mail"
