@@ -149,15 +149,16 @@ class SurgePlan:
     def total_emails(self) -> int:
         return math.floor(self.published_by(self.duration_seconds) + 1e-9)
 
-    def emailqueue_spec(self) -> dict[str, Any]:
-        """The EmailQueue spec: what the simulator runs for `ours`, pointed at the demo's objects."""
+    def emailqueue_spec(self, prometheus: bool = False) -> dict[str, Any]:
+        """The EmailQueue spec: what the simulator runs for `ours`, pointed at the demo's objects.
+        Counts and rates from the management API, or from the Prometheus plugin."""
         from emailqueue_operator.baselines import scenario_spec
 
         spec = scenario_spec(self.scenario())
         spec["scaleTargetRef"] = {"apiVersion": "apps/v1", "kind": "Deployment", "name": DEPLOYMENT}
-        spec["broker"] = {"queue": QUEUE, "amqpSecretRef": {"name": SECRET, "uriKey": "uri"},
-                          # The management API adds unacked counts and the publish rate (arrival term).
-                          "managementSecretRef": {"name": SECRET, "urlKey": "url"}}
+        source = ({"prometheusSecretRef": {"name": SECRET, "urlKey": "prometheus-url"}} if prometheus
+                  else {"managementSecretRef": {"name": SECRET, "urlKey": "url"}})
+        spec["broker"] = {"queue": QUEUE, "amqpSecretRef": {"name": SECRET, "uriKey": "uri"}, **source}
         return spec
 
     def describe(self) -> list[str]:
@@ -415,6 +416,8 @@ class Endpoints:
     mgmt_url: str
     user: str
     password: str
+    prom_url: str | None = None
+    """RabbitMQ's Prometheus plugin: when set, the operator reads the queue there."""
 
     @staticmethod
     def from_env(env: bed.Env) -> "Endpoints":
@@ -534,7 +537,7 @@ class DemoStack:
         self.core.create_namespace({"metadata": {"name": ns, "labels": {"app.kubernetes.io/part-of": "emailqueue-demo"}}})
         self._later(f"delete namespace {ns}", self._delete_namespace)
         self.core.create_namespaced_secret(ns, {"metadata": {"name": SECRET}, "stringData": {
-            "uri": self.amqp_url, "url": self.endpoints.mgmt_url}})
+            "uri": self.amqp_url, "url": self.endpoints.mgmt_url, "prometheus-url": self.endpoints.prom_url or ""}})
         self.apps.create_namespaced_deployment(ns, {
             "metadata": {"name": DEPLOYMENT},
             "spec": {"replicas": self.plan.min_replicas, "selector": {"matchLabels": {"app": DEPLOYMENT}},
@@ -543,7 +546,7 @@ class DemoStack:
                                                            "image": "emailqueue/email-worker:demo"}]}}}})
         self.custom.create_namespaced_custom_object("emailqueue.dev", "v1alpha1", ns, "emailqueues", {
             "apiVersion": "emailqueue.dev/v1alpha1", "kind": "EmailQueue", "metadata": {"name": EMAILQUEUE},
-            "spec": self.plan.emailqueue_spec()})
+            "spec": self.plan.emailqueue_spec(prometheus=bool(self.endpoints.prom_url))})
 
     def _delete_namespace(self) -> None:
         from kubernetes.client.exceptions import ApiException

@@ -27,11 +27,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(290)]
 RABBIT_STATS_TICK_SECONDS = 5.0
 
 
-@pytest.fixture
-def endpoints(kube_env, rabbitmq) -> Endpoints:
-    user, password = rabbitmq.mgmt_auth
-    return Endpoints(kubeconfig=kube_env.kubeconfig, amqp_url=rabbitmq.amqp_url(), mgmt_url=rabbitmq.mgmt_url,
-                     user=user, password=password)
+# RabbitMQ 3.10.8 read through the management API, and 4.0.x through its Prometheus plugin
+# (per-queue counters): the loop must close on both.
+@pytest.fixture(params=["3.10-management", "4.0-prometheus"])
+def endpoints(request, kube_env) -> Endpoints:
+    variant, source = request.param.split("-")
+    broker = request.getfixturevalue("rabbitmq" if variant == "3.10" else "rabbitmq4")
+    user, password = broker.mgmt_auth
+    return Endpoints(kubeconfig=kube_env.kubeconfig, amqp_url=broker.amqp_url(), mgmt_url=broker.mgmt_url,
+                     user=user, password=password, prom_url=broker.prom_url if source == "prometheus" else None)
 
 
 def test_surge_is_absorbed_without_loss_and_the_fleet_returns_to_min(endpoints, tmp_path):
