@@ -1,9 +1,12 @@
 """Scaling policies the simulator compares ours against, each modelled from its documented algorithm.
 
-This module owns the reference policies (all implement `sim.Policy`):
+This module owns, all implementing `sim.Policy`:
 
 - `KedaQueueLength` — KEDA's RabbitMQ scaler in `QueueLength` mode behind an HPA
-  (legacy behavior, i.e. no `behavior:` block in the ScaledObject);
+  (legacy behavior, i.e. no `behavior:` block in the ScaledObject), as KEDA runs by
+  default: `useCachedMetrics: false`, so every HPA sync (15 s) gets a fresh metric and
+  KEDA's 30 s `pollingInterval` only decides activation (0↔1). `use_cached_metrics=True`
+  is the other setting: the HPA reads the value KEDA cached at its last poll;
 - `KedaMessageRate` — the same scaler in `MessageRate` mode;
 - `KedaExpectedConsumptionTime` — the same scaler in `ExpectedQueueConsumptionTime` mode;
 - `StaticFleet` — a fixed fleet (what ran on 2023-09-20);
@@ -25,24 +28,49 @@ API's rates (`needs`), so they run only where the broker reports rates (`managem
 are listed as not applicable elsewhere, never fed a made-up rate. The static fleet and the
 two oracles read nothing observable (`mode_independent`) and run once.
 
-Where the constants come from (cited again next to each use):
-- KEDA ScaledObject docs: `pollingInterval` default 30 s, `cooldownPeriod` default 300 s
-  (only for N→0), `activationValue` default 0; RabbitMQ scaler: `QueueLength` default
-  `value` 20 (`defaultRabbitMQQueueLength = 20` in pkg/scalers/rabbitmq_scaler.go); the AMQP
-  protocol (the default for an amqp:// host) reads only *ready* messages, the HTTP protocol
-  ready + unacked.
-- kube-controller-manager flags: `--horizontal-pod-autoscaler-sync-period` 15 s,
-  `--horizontal-pod-autoscaler-tolerance` 0.1,
-  `--horizontal-pod-autoscaler-downscale-stabilization` 300 s; legacy scale-up limit
-  `max(2 * currentReplicas, 4)` per sync (scaleUpLimitFactor 2, scaleUpLimitMinimum 4 in
-  pkg/controller/podautoscaler/horizontal.go).
+Where the KEDA/HPA facts come from (cited again next to each use):
+- KEDA ScaledObject reference and "Scaling Deployments" concepts (keda.sh docs,
+  kedacore/keda-docs): `pollingInterval` default 30 s ("the interval to check each
+  trigger on"); `cooldownPeriod` default 300 s, only for N→0; triggers[].`useCachedMetrics`
+  default false — "Kubernetes (HPA controller) asks for a metric every few seconds (...
+  usually 15s), then this request is routed to KEDA Metrics Server, that by default
+  queries the scaler and reads the metric values"; with it enabled the metrics server
+  reads the value cached at the last polling interval; `metricType` default
+  `AverageValue`; "If the minimum replicas is >= 1, the scaler is always active and the
+  activation value will be ignored"; activation is "greater than", not "greater or equal".
+- kedacore/keda pkg/scaling/scale_handler.go (GetScaledObjectMetrics reads the cache only
+  when `TriggerUseCachedMetrics`, else calls the scaler) and pkg/scaling/executor
+  (`scaleFromZero` to max(1, minReplicaCount) when a trigger is active at 0 replicas;
+  `scaleToZero` when none is active and `LastActiveTime + cooldownPeriod` is before now).
+- kedacore/keda pkg/scalers/rabbitmq_scaler.go, GetMetricsAndActivity: QueueLength metric
+  = messages, active = messages > activationValue; MessageRate metric = publish rate,
+  active = publish rate > activationValue or messages > activationValue;
+  ExpectedQueueConsumptionTime eta = 0 if messages == 0, activationValue if the
+  deliver_get rate is 0, else (publish - deliverGet)/deliverGet + messages/deliverGet;
+  active = eta > activationValue or (deliverGet == 0 and messages > 0) (kedacore/keda
+  #8033; before it, deliverGet == 0 alone). `defaultRabbitMQQueueLength = 20`; protocol
+  `auto` picks AMQP for an amqp:// host (`message_count`: ready only), HTTP counts
+  ready + unacked unless `excludeUnacknowledged`. KEDA's RabbitMQ scaler docs advise
+  `metricType: Value` for ExpectedQueueConsumptionTime; our emulation uses it.
+- kubernetes pkg/controller/podautoscaler (kube-controller-manager flags
+  `--horizontal-pod-autoscaler-sync-period` 15 s, `--horizontal-pod-autoscaler-tolerance`
+  0.1, `--horizontal-pod-autoscaler-downscale-stabilization` 300 s): horizontal.go
+  `recordInitialRecommendation` (the current count is the first recommendation),
+  "ScalingDisabled" at 0 replicas, current > max → max, current < min → min; without a
+  behavior, `normalizeDesiredReplicas`: `stabilizeRecommendation` (the highest
+  recommendation not older than the window: stamped before now - window, which a
+  recommendation made 20 syncs earlier always is, syncs being re-queued 15 s after each
+  reconcile ends), then `convertDesiredReplicasWithRules` (clamp to [min, min(max, max(2 × current, 4))]);
+  replica_calculator.go: `Tolerances.isWithin` is (1 - t) <= ratio <= (1 + t);
+  `GetExternalPerPodMetricReplicas` (AverageValue): ratio = usage / (target × current),
+  else ceil(usage / target); `GetExternalMetricReplicas` (Value): ratio = usage / target,
+  else ceil(ratio × ready pods).
 - Pure: no clock, no I/O. Every time comes from the simulator's `now`.
 """
 from __future__ import annotations
 
 import copy
 import math
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
@@ -66,105 +94,164 @@ def ceil_int(x: float) -> int:
     return int(math.ceil(x - 1e-9))
 
 
+def within_tolerance(ratio: float, tolerance: float = HPA_TOLERANCE) -> bool:
+    """The HPA's `Tolerances.isWithin`: (1 - t) <= ratio <= (1 + t), compared as written
+    (110 messages at 20 per pod on 5 pods is a ratio of exactly 1.1: within)."""
+    return (1.0 - tolerance) <= ratio <= (1.0 + tolerance)
+
+
 # --------------------------------------------------------------------------- HPA (legacy)
 @dataclass
 class HpaLegacy:
-    """The HPA's replica normalisation without a `behavior:` block.
+    """One HPA without a `behavior:` block, sync by sync (horizontal.go, reconcileAutoscaler).
 
-    A sync takes a recommendation, keeps the highest one of the last 300 s (downscale
-    stabilisation), then clamps it to [min, min(max, max(2*current, 4))].
+    The first sync records the current count as a recommendation; at 0 replicas the HPA
+    is disabled; a count above max (below min) goes to max (min) at once; otherwise the
+    metric's recommendation is stabilised (the highest of the last 300 s) and clamped to
+    [min, min(max, max(2 × current, 4))].
     """
 
     min_replicas: int
     max_replicas: int
     stabilization_seconds: float = HPA_DOWNSCALE_STABILIZATION_S
-    recommendations: deque[tuple[float, int]] = field(default_factory=deque)
+    recommendations: list[tuple[float, int]] = field(default_factory=list)
 
-    def normalize(self, now: float, current: int, recommended: int) -> int:
-        self.recommendations.append((now, recommended))
-        while self.recommendations and self.recommendations[0][0] <= now - self.stabilization_seconds:
-            self.recommendations.popleft()
-        stabilized = max(r for _, r in self.recommendations)
+    def reconcile(self, now: float, current: int, recommended: int) -> int:
+        """The replica count this sync leaves on /scale (`current` when it does not rescale)."""
+        if not self.recommendations:
+            self.recommendations.append((now, current))  # recordInitialRecommendation
+        if current == 0 and self.min_replicas != 0:
+            return 0  # ScalingDisabled: only KEDA's activation brings it back to 1
+        if current > self.max_replicas:
+            return self.max_replicas
+        if current < self.min_replicas:
+            return self.min_replicas
+        stabilized = self._stabilize(now, recommended)
         scale_up_limit = max(HPA_SCALE_UP_LIMIT_FACTOR * current, HPA_SCALE_UP_LIMIT_MINIMUM)
         return max(self.min_replicas, min(stabilized, self.max_replicas, scale_up_limit))
+
+    def _stabilize(self, now: float, recommended: int) -> int:
+        # Upstream ignores a recommendation stamped before now - window (time.Before). Its
+        # syncs are re-queued 15 s after each reconcile ends (a fixed-interval rate
+        # limiter), so they drift later and the one made 20 syncs ago is always past the
+        # cutoff; on the simulator's exact 15 s grid that means dropping it at exactly 300 s.
+        cutoff = now - self.stabilization_seconds
+        self.recommendations = [(t, r) for t, r in self.recommendations if t > cutoff + EPSILON]
+        stabilized = max([recommended] + [r for _, r in self.recommendations])
+        self.recommendations.append((now, recommended))
+        return stabilized
 
 
 @dataclass
 class _KedaBase:
-    """KEDA's loop: sample the scaler every pollingInterval (cached); the HPA reads the
-    cached metric every sync period; KEDA itself handles 0↔1 (activation, cooldown)."""
+    """KEDA's two loops around one HPA.
+
+    - KEDA's operator, every `pollingInterval` (30 s): asks the scaler for its metric and
+      activity; with `min_replicas == 0` it scales 0→1 when a trigger is active and N→0
+      when none has been active for `cooldownPeriod`; with `use_cached_metrics` it keeps
+      the metric for the HPA.
+    - The HPA, every sync (15 s, the policy's `poll_seconds`): reads the metric through
+      KEDA's metrics server — fresh from the scaler (KEDA's default), or the value cached
+      at the last poll (`use_cached_metrics`) — and applies `HpaLegacy`. KEDA gives the
+      HPA minReplicas = max(1, minReplicaCount).
+    """
 
     min_replicas: int
     max_replicas: int
     polling_interval: float = KEDA_POLLING_INTERVAL_S
     activation_value: float = 0.0
     cooldown_period: float = KEDA_COOLDOWN_PERIOD_S
+    use_cached_metrics: bool = False
     name: str = "keda"
     poll_seconds: float = HPA_SYNC_PERIOD_S
     observation: str = DEFAULT_OBSERVATION
     _hpa: HpaLegacy | None = None
-    _cached: float = 0.0
-    _next_sample: float = -math.inf
+    _cached: float | None = None
+    _next_poll: float = -math.inf
     _last_active: float = -math.inf
 
     def __post_init__(self) -> None:
-        # KEDA sets the HPA's minReplicas to max(1, minReplicaCount); 0 is KEDA's own job.
         self._hpa = HpaLegacy(max(1, self.min_replicas), self.max_replicas)
 
-    def sample(self, view: SimView) -> float:
+    def measure(self, view: SimView) -> tuple[float, bool]:
+        """The scaler's GetMetricsAndActivity: (metric, active)."""
         raise NotImplementedError
 
     def recommend(self, view: SimView, metric: float) -> int:
+        """The HPA's replica calculator for this metric type (current > 0)."""
         raise NotImplementedError
 
     def step(self, now: float, view: SimView) -> int:
-        if now >= self._next_sample - EPSILON:
-            self._cached = self.sample(view)
-            self._next_sample = now + self.polling_interval
-        active = self._cached > self.activation_value
-        if active:
-            self._last_active = now
         current = view.current_replicas
-        if self.min_replicas == 0:
-            if current == 0:
-                return 1 if active else 0
-            if not active and now - self._last_active >= self.cooldown_period:
-                return 0
+        if now >= self._next_poll - EPSILON:  # KEDA's operator loop
+            self._next_poll = now + self.polling_interval
+            metric, active = self.measure(view)
+            if self.use_cached_metrics:
+                self._cached = metric
+            if active:
+                self._last_active = now
+            if self.min_replicas == 0:  # with min >= 1 the scaler counts as always active
+                if current == 0 and active:
+                    return 1  # scaleFromZero: max(1, minReplicaCount)
+                if current > 0 and not active and self._last_active + self.cooldown_period <= now + EPSILON:
+                    # scaleToZero: LastActiveTime + cooldownPeriod before now (KEDA's polls,
+                    # like the HPA's syncs, drift later than the exact grid simulated here).
+                    return 0
+        if current == 0:
+            return 0  # the HPA is disabled at 0 replicas
+        if self.use_cached_metrics and self._cached is not None:
+            metric = self._cached
+        else:
+            metric, _ = self.measure(view)  # the metrics server asks the scaler afresh
         assert self._hpa is not None
-        return self._hpa.normalize(now, current, self.recommend(view, self._cached))
+        return self._hpa.reconcile(now, current, self.recommend(view, metric))
+
+
+def _messages(view: SimView, count_unacked: bool = True) -> float:
+    """The scaler's `messages`: ready + unacked over HTTP, ready only over AMQP."""
+    unacked = view.unacked if count_unacked and view.unacked is not None else 0.0
+    return view.ready + unacked
+
+
+def _per_pod_replicas(view: SimView, metric: float, target_per_pod: float) -> int:
+    """HPA, external metric with an AverageValue target (GetExternalPerPodMetricReplicas)."""
+    current = view.current_replicas
+    if within_tolerance(metric / (target_per_pod * current)):
+        return current
+    return ceil_int(metric / target_per_pod)
 
 
 @dataclass
 class KedaQueueLength(_KedaBase):
     """RabbitMQ scaler, mode QueueLength, metricType AverageValue (the default).
 
-    HPA external per-pod metric: if |usage / (value * current) - 1| <= 0.1 keep current,
-    else ceil(usage / value). Protocol amqp counts only ready messages (`message_count`),
-    protocol http ready + unacked (`messages`; `count_unacked`).
+    Metric = messages (ready only over AMQP, ready + unacked over HTTP: `count_unacked`);
+    active = messages > activationValue. HPA: current within the 0.1 tolerance of
+    messages / (value × current), else ceil(messages / value).
     """
 
     value: float = KEDA_QUEUE_LENGTH_DEFAULT
     count_unacked: bool = False  # amqp protocol (default for an amqp:// host): ready only
 
     def sample(self, view: SimView) -> float:
-        unacked = view.unacked if self.count_unacked and view.unacked is not None else 0.0
-        return view.ready + unacked
+        return _messages(view, self.count_unacked)
+
+    def measure(self, view: SimView) -> tuple[float, bool]:
+        messages = self.sample(view)
+        return messages, messages > self.activation_value
 
     def recommend(self, view: SimView, metric: float) -> int:
-        current = max(1, view.current_replicas)
-        ratio = metric / (self.value * current)
-        if abs(1.0 - ratio) <= HPA_TOLERANCE:
-            return view.current_replicas
-        return ceil_int(metric / self.value)
+        return _per_pod_replicas(view, metric, self.value)
 
 
 @dataclass
 class KedaMessageRate(_KedaBase):
-    """RabbitMQ scaler, mode MessageRate (needs the HTTP protocol), metricType AverageValue.
+    """RabbitMQ scaler, mode MessageRate (HTTP only), metricType AverageValue (the default).
 
-    The metric is the queue's publish rate (`message_stats.publish_details.rate`); the HPA
-    keeps current within the 0.1 tolerance, else ceil(rate / value). `value` is emails/s
-    per pod: we give it the scenario's rate per replica, the one sensible setting.
+    Metric = the queue's publish rate (`message_stats.publish_details.rate`); active =
+    publish rate > activationValue or messages > activationValue. HPA as for QueueLength:
+    ceil(rate / value) outside the tolerance. `value` is emails/s per pod: we give it the
+    scenario's rate per replica, the one sensible setting.
     """
 
     value: float = 10.0
@@ -174,44 +261,54 @@ class KedaMessageRate(_KedaBase):
         assert view.publish_rate is not None  # `needs`: never run where rates are hidden
         return view.publish_rate
 
+    def measure(self, view: SimView) -> tuple[float, bool]:
+        rate = self.sample(view)
+        return rate, rate > self.activation_value or _messages(view) > self.activation_value
+
     def recommend(self, view: SimView, metric: float) -> int:
-        current = max(1, view.current_replicas)
-        ratio = metric / (self.value * current)
-        if abs(1.0 - ratio) <= HPA_TOLERANCE:
-            return view.current_replicas
-        return ceil_int(metric / self.value)
+        return _per_pod_replicas(view, metric, self.value)
 
 
 @dataclass
 class KedaExpectedConsumptionTime(_KedaBase):
-    """RabbitMQ scaler, mode ExpectedQueueConsumptionTime (needs the HTTP protocol).
+    """RabbitMQ scaler, mode ExpectedQueueConsumptionTime (HTTP only), metricType Value.
 
     KEDA computes (pkg/scalers/rabbitmq_scaler.go):
         eta = 0                                   if messages == 0
         eta = activationValue                     if deliverGetRate == 0
         eta = (publish - deliverGet)/deliverGet + messages/deliverGet   otherwise
-    with messages = ready + unacked (HTTP API `messages`) and the management API's
-    rates. With metricType Value the HPA scales the *ready* pod count by eta/value:
-    ceil(ready_pods * eta / value), unless within the 0.1 tolerance. `value` is the
-    target time in seconds; we give it the scenario's drain SLO.
+        active = eta > activationValue or (deliverGetRate == 0 and messages > 0)
+    with messages = ready + unacked (HTTP API `messages`) and the management API's rates
+    (the simulator's deliveries are its acks). So a queue with messages and no consumer
+    is active: with min 0, KEDA wakes the Deployment. With metricType Value the HPA
+    scales the *ready* pod count by eta / value: ceil(ready_pods × eta / value), unless
+    within the 0.1 tolerance. `value` is the target time in seconds; we give it the
+    scenario's drain SLO.
     """
 
     value: float = 60.0
     needs: ClassVar[tuple[str, ...]] = ("broker_rates", "unacked")
 
     def sample(self, view: SimView) -> float:
+        return self.measure(view)[0]
+
+    def measure(self, view: SimView) -> tuple[float, bool]:
         # `needs`: never run where these are hidden.
         assert view.unacked is not None and view.publish_rate is not None and view.ack_rate is not None
         messages = view.ready + view.unacked
+        deliver = view.ack_rate
         if messages <= EPSILON:
-            return 0.0
-        if view.ack_rate <= EPSILON:
-            return self.activation_value
-        return (view.publish_rate - view.ack_rate) / view.ack_rate + messages / view.ack_rate
+            eta = 0.0
+        elif deliver <= EPSILON:
+            eta = self.activation_value
+        else:
+            eta = (view.publish_rate - deliver) / deliver + messages / deliver
+        active = eta > self.activation_value or (deliver <= EPSILON and messages > EPSILON)
+        return eta, active
 
     def recommend(self, view: SimView, metric: float) -> int:
         ratio = metric / self.value
-        if abs(1.0 - ratio) <= HPA_TOLERANCE:
+        if within_tolerance(ratio):
             return view.current_replicas
         return ceil_int(ratio * view.ready_replicas)
 
@@ -426,14 +523,18 @@ def static_replicas(scenario: Scenario) -> int:
 
 
 def keda_queue_length(scenario: Scenario, value: float = KEDA_QUEUE_LENGTH_DEFAULT,
-                      name: str = "keda-queuelength", observation: str | None = None) -> KedaQueueLength:
-    """KEDA QueueLength for the scenario. Under an observation mode, it counts what KEDA can
-    read there (ready + unacked over HTTP, ready only over AMQP); without one, KEDA's default
-    for an amqp:// host (ready only), observed through the management API."""
+                      name: str = "keda-queuelength", observation: str | None = None,
+                      use_cached_metrics: bool = False) -> KedaQueueLength:
+    """KEDA QueueLength for the scenario, as KEDA runs by default (a fresh metric at every
+    HPA sync; `use_cached_metrics` for the other setting). Under an observation mode, it
+    counts what KEDA can read there (ready + unacked over HTTP, ready only over AMQP);
+    without one, KEDA's default for an amqp:// host (ready only), observed through the
+    management API."""
     mode = observation_mode(observation or DEFAULT_OBSERVATION)
     count_unacked = observation is not None and "unacked" not in mode.hidden
     return KedaQueueLength(min_replicas=scenario.min_replicas, max_replicas=scenario.max_replicas,
-                           value=value, name=name, count_unacked=count_unacked, observation=mode.name)
+                           value=value, name=name, count_unacked=count_unacked, observation=mode.name,
+                           use_cached_metrics=use_cached_metrics)
 
 
 def tune_keda_queue_length(scenario: Scenario, values: tuple[float, ...] = KEDA_TUNING_VALUES,
@@ -471,13 +572,14 @@ def default_policies(scenario: Scenario, include_ours: bool = True, tuned_value:
     mode = observation_mode(observation).name
     if tuned_value is None:
         tuned_value, _ = tune_keda_queue_length(scenario, observation=mode)
-    bounds = dict(min_replicas=scenario.min_replicas, max_replicas=scenario.max_replicas, observation=mode)
+    limits = dict(min_replicas=scenario.min_replicas, max_replicas=scenario.max_replicas, observation=mode)
     policies: list[Policy] = [
         StaticFleet(static_replicas(scenario)),
         keda_queue_length(scenario, observation=mode),
+        keda_queue_length(scenario, name="keda-queuelength-cached", observation=mode, use_cached_metrics=True),
         keda_queue_length(scenario, tuned_value, name="keda-queuelength-tuned", observation=mode),
-        KedaMessageRate(value=scenario.rate_per_replica, name="keda-messagerate", **bounds),
-        KedaExpectedConsumptionTime(value=scenario.drain_seconds, name="keda-expected-consumption-time", **bounds),
+        KedaMessageRate(value=scenario.rate_per_replica, name="keda-messagerate", **limits),
+        KedaExpectedConsumptionTime(value=scenario.drain_seconds, name="keda-expected-consumption-time", **limits),
         IdealReactive(scenario),
         Clairvoyant(scenario),
     ]

@@ -1,6 +1,7 @@
 """Reference policies behave as their documentation says (KEDA + HPA legacy, bounds, ours)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -51,28 +52,65 @@ def test_keda_scale_up_is_limited_to_max_of_double_and_four_per_sync() -> None:
     assert [after for _, _, after in ups[:5]] == [6, 12, 24, 48, 60]
 
 
-def test_keda_samples_the_queue_every_30s_and_the_hpa_reads_the_cached_value() -> None:
+def test_keda_default_answers_every_hpa_sync_with_a_fresh_metric() -> None:
+    # KEDA's default (useCachedMetrics: false): the metrics server asks the scaler at every
+    # 15 s HPA sync; the 30 s pollingInterval does not delay the HPA.
     policy = keda()
+    assert policy.use_cached_metrics is False
     assert policy.step(0, view(ready=0)) == 3
-    # A backlog appearing between KEDA polls is invisible to the HPA sync at t=15 ...
-    assert policy.step(15, view(t=15, ready=1000)) == 3
-    # ... and seen at the next KEDA poll.
-    assert policy.step(30, view(t=30, ready=1000)) == 6
+    assert policy.step(15, view(t=15, ready=1000)) == 6  # between KEDA polls, seen at once
 
 
-def test_keda_waits_300s_of_lower_recommendations_before_scaling_down() -> None:
-    policy = keda()
+def test_keda_cached_metrics_hold_the_value_of_the_last_poll() -> None:
+    # useCachedMetrics: true — the HPA reads what KEDA's operator cached at its 30 s poll.
+    policy = keda(use_cached_metrics=True)
+    assert policy.step(0, view(ready=0)) == 3
+    assert policy.step(15, view(t=15, ready=1000)) == 3  # still the t=0 sample
+    assert policy.step(30, view(t=30, ready=1000)) == 6  # the next KEDA poll
+
+
+@pytest.mark.parametrize(("cached", "last_high", "down_at"), [
+    (False, 0, 300),   # fresh: the HPA at t=15 already reads 0; the t=0 recommendation ages out at 300 s
+    (True, 15, 315),   # cached: the HPA at t=15 still reads KEDA's t=0 sample (400)
+])
+def test_keda_waits_300s_of_lower_recommendations_before_scaling_down(cached: bool, last_high: int,
+                                                                     down_at: int) -> None:
+    policy = keda(use_cached_metrics=cached)
     assert policy.step(0, view(ready=400, current_replicas=10)) == 20
-    # The HPA at t=15 still reads KEDA's cached sample from t=0 (400): the last high
-    # recommendation is at t=15, so the fleet holds until 300 s after it.
-    for t in range(15, 315, 15):
+    for t in range(15, down_at, 15):
         assert policy.step(t, view(t=t, ready=0, current_replicas=20)) == 20, t
-    assert policy.step(315, view(t=315, ready=0, current_replicas=20)) == 3
+    assert policy.step(down_at, view(t=down_at, ready=0, current_replicas=20)) == 3
+    assert down_at - last_high == 300
+
+
+def test_hpa_first_sync_keeps_the_current_count_for_the_stabilization_window() -> None:
+    # horizontal.go recordInitialRecommendation: taking over a Deployment at 10 replicas
+    # whose demand is 2 pods, the HPA does not cut it at once.
+    policy = keda(min_replicas=1)
+    for t in range(0, 300, 15):
+        assert policy.step(t, view(t=t, ready=40, current_replicas=10)) == 10, t
+    assert policy.step(300, view(t=300, ready=40, current_replicas=10)) == 2
+
+
+def test_hpa_clamps_a_count_outside_min_max_before_any_metric() -> None:
+    assert keda(max_replicas=8).step(0, view(ready=0, current_replicas=12)) == 8
+    assert keda(min_replicas=5).step(0, view(ready=10_000, current_replicas=2)) == 5
 
 
 def test_keda_tolerance_keeps_the_fleet_within_10_percent() -> None:
     assert keda().step(0, view(ready=210, current_replicas=10)) == 10  # 10.5 wanted: within tolerance
     assert keda().step(0, view(ready=240, current_replicas=10)) == 12
+
+
+@pytest.mark.parametrize(("messages", "expected"), [
+    (110, 5),   # ratio exactly 1.1: upstream's (1 - t) <= ratio <= (1 + t) keeps 5
+    (90, 5),    # exactly 0.9: kept
+    (111, 6),   # just above: ceil(111 / 20)
+    (89, 5),    # just below: ceil(89 / 20) = 5 as well
+])
+def test_keda_tolerance_boundary_is_inclusive_as_upstream(messages: int, expected: int) -> None:
+    assert baselines.within_tolerance(110 / (20 * 5)) and baselines.within_tolerance(90 / (20 * 5))
+    assert keda().step(0, view(ready=messages, current_replicas=5)) == expected
 
 
 def test_keda_queue_length_over_amqp_ignores_unacked_messages() -> None:
@@ -99,11 +137,19 @@ def test_keda_queue_length_counts_what_the_mode_lets_it_read(mode: str, counts_u
 def test_keda_scale_to_zero_needs_activation_and_a_cooldown() -> None:
     policy = keda(min_replicas=0, activation_value=5)
     assert policy.step(0, view(ready=5, current_replicas=0)) == 0  # not above activationValue
-    assert policy.step(30, view(t=30, ready=6, current_replicas=0)) == 1
-    # Active at t=30; empty afterwards: down to 0 only 300 s after the last activity.
-    assert policy.step(60, view(t=60, ready=0, current_replicas=1)) == 1
-    assert policy.step(315, view(t=315, ready=0, current_replicas=1)) == 1
+    assert policy.step(15, view(t=15, ready=6, current_replicas=0)) == 0  # the HPA is off at 0; KEDA polls at 30
+    assert policy.step(30, view(t=30, ready=6, current_replicas=0)) == 1  # activation: 0 -> 1
+    # Active at t=30; empty afterwards: down to 0 at the first KEDA poll 300 s after the last activity.
+    for t in range(45, 330, 15):
+        assert policy.step(t, view(t=t, ready=0, current_replicas=1)) == 1, t
     assert policy.step(330, view(t=330, ready=0, current_replicas=1)) == 0
+
+
+def test_keda_activation_is_ignored_when_min_is_at_least_one() -> None:
+    # "If the minimum replicas is >= 1, the scaler is always active and the activation value will be ignored."
+    policy = keda(min_replicas=1, activation_value=1000)
+    for t in range(0, 600, 15):
+        assert policy.step(t, view(t=t, ready=0, current_replicas=1)) == 1, t
 
 
 # --------------------------------------------------------------------------- KEDA ExpectedQueueConsumptionTime
@@ -119,6 +165,29 @@ def test_expected_consumption_time_metric_is_keda_formula() -> None:
     assert policy.sample(view(ready=10, ack_rate=0, publish_rate=5)) == policy.activation_value
     # (publish - deliver)/deliver + messages/deliver = (30-10)/10 + 1200/10
     assert policy.sample(view(ready=1100, unacked=100, publish_rate=30, ack_rate=10)) == pytest.approx(122)
+
+
+def test_expected_consumption_time_is_active_when_messages_wait_and_nothing_is_delivered() -> None:
+    # rabbitmq_scaler.go: active = eta > activationValue or (deliverGetRate == 0 and messages > 0).
+    policy = ect()
+    assert policy.measure(view(ready=10, unacked=0, publish_rate=5, ack_rate=0)) == (0.0, True)
+    assert policy.measure(view(ready=0, unacked=0, publish_rate=0, ack_rate=0)) == (0.0, False)  # an idle queue
+    woken = ect(min_replicas=0)
+    assert woken.step(0, view(ready=10, publish_rate=5, ack_rate=0, current_replicas=0, ready_replicas=0)) == 1
+
+
+def test_expected_consumption_time_with_min_0_wakes_and_delivers_the_incident() -> None:
+    # Issue 12: with min 0 the emulation used never to wake (0 of the surge delivered).
+    s = replace(load_scenario("incident-2023-09-20"), min_replicas=0)
+    m = simulate(s, ect(min_replicas=0, max_replicas=60)).metrics
+    assert m.delivered > 0.99 * m.published
+
+
+def test_message_rate_is_active_on_waiting_messages_even_without_publishes() -> None:
+    policy = KedaMessageRate(min_replicas=0, max_replicas=60, value=10)
+    assert policy.measure(view(publish_rate=0, ready=3)) == (0, True)
+    assert policy.measure(view(publish_rate=0, ready=0, unacked=0)) == (0, False)
+    assert policy.step(0, view(publish_rate=0, ready=3, current_replicas=0, ready_replicas=0)) == 1
 
 
 def test_expected_consumption_time_scales_ready_pods_by_eta_over_target() -> None:
@@ -143,7 +212,10 @@ def test_default_policies_under_a_mode(mode: str) -> None:
     names = {p.name for p in runnable}
     # KEDA's rate modes read the management API's rates; nowhere else.
     assert ({"keda-messagerate", "keda-expected-consumption-time"} <= names) is (mode == "management")
-    assert {"static", "ideal-reactive", "clairvoyant", "ours", "ours-crd-defaults"} <= names
+    assert {"static", "keda-queuelength", "keda-queuelength-cached", "ideal-reactive", "clairvoyant",
+            "ours", "ours-crd-defaults"} <= names
+    cached = {p.name: getattr(p, "use_cached_metrics", None) for p in runnable}
+    assert cached["keda-queuelength"] is False and cached["keda-queuelength-cached"] is True
     for policy in every:
         if getattr(policy, "mode_independent", False):
             assert policy.name in ("static", "ideal-reactive", "clairvoyant")
