@@ -195,6 +195,15 @@ def test_cross_field_rules_present(root: dict[str, Any]) -> None:
     assert "has(self.queue) != has(self.queueRegex)" in rules
     assert "has(self.uriKey) != has(self.hostKey)" in rules
     assert "!has(self.start) || !has(self.end) || self.end > self.start" in rules
+    # KEDA rejects useRegex without the HTTP API when it parses the trigger; we do at admission
+    assert "!has(self.queueRegex) || has(self.managementSecretRef) || has(self.prometheusSecretRef)" in rules
+
+
+def test_direction_tolerance_bounds_match_parser(root: dict[str, Any]) -> None:
+    nodes = dict(walk(root))
+    for direction in ("scaleUp", "scaleDown"):
+        node = nodes[f"spec.behavior.{direction}.tolerance"]
+        assert (node["minimum"], node["maximum"]) == (0, spec_module.MAX_DIRECTION_TOLERANCE)
 
 
 def test_list_maps(root: dict[str, Any]) -> None:
