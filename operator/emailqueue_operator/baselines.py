@@ -1,4 +1,4 @@
-"""Scaling policies the simulator compares ours against, each modelled from its documented algorithm.
+"""Scaling policies the simulator compares ours against, and the bounds it judges ours by.
 
 This module owns, all implementing `sim.Policy`:
 
@@ -10,13 +10,39 @@ This module owns, all implementing `sim.Policy`:
 - `KedaMessageRate` — the same scaler in `MessageRate` mode;
 - `KedaExpectedConsumptionTime` — the same scaler in `ExpectedQueueConsumptionTime` mode;
 - `StaticFleet` — a fixed fleet (what ran on 2023-09-20);
-- `IdealReactive` — sees the true rate and backlog every second, no foresight: the bound
-  for an unforeseen surge, limited only by pod start-up;
-- `Clairvoyant` — knows future arrivals and provisions a start-up ahead: the bound for
-  announced surges;
+- reference policies (NOT bounds: `ours` beats both on a short, violent burst, because
+  they size the fleet to drain a backlog within `drain_seconds`, not as fast as possible):
+  `IdealReactive` (true rate and backlog every second, no foresight) and `Clairvoyant`
+  (knows future arrivals);
 - `OurPolicy` — our `scaling.decide`, fed UNCHANGED with the `Observation` the operator
   would build, its `PolicyState` carried between polls as the status would carry it;
-- `default_policies(scenario, observation=...)` and `tune_keda_queue_length(scenario)`.
+- the bounds (below) and `default_policies(scenario, observation=...)`,
+  `tune_keda_queue_length(scenario)`.
+
+Bounds — lower bounds that hold by construction in the simulator's model. The model's
+assumptions (sim.py): fluid FIFO arrivals fixed by the scenario; a pod exists from the
+moment it is asked for and serves `rate_per_replica` once `startup_seconds` have passed;
+the provider cap limits the total; at t=0 every policy has the steady fleet for the base
+rate (`Scenario.initial_replicas`), all ready; every policy keeps min ≤ pods ≤ max.
+- `CausalWaitFloor` ("wait-floor", time in queue): a policy without foresight cannot tell
+  a surge from the base load before the surge's first message. The floor holds the base
+  fleet until the step in which the arrival rate first rises above the base rate (t=0
+  when the surge is announced in `spec.schedule`), asks for every pod that can send
+  (max, or what the provider cap can use) at that very step, and never lets one go. In
+  FIFO more sending capacity at every step never delays any message, so no policy whose
+  capacity never exceeds the floor's while the floor still has a backlog can have a
+  message wait less at any percentile; `wait_floor_applies` checks that condition on a
+  run (it fails only for a policy that held spare pods or knew the future). It is
+  achievable (it is a policy) and as expensive as it gets: a bound on wait, not on cost.
+- `cost_floor` (replica-seconds): given the longest time in queue a run let any message
+  have (W), the fewest replica-seconds ANY policy — clairvoyant, with fractional pods —
+  needs so that no message waits longer than W: min pods all the time, each further
+  ready pod sends at most `rate_per_replica`, and each pod above the initial fleet spent
+  `startup_seconds` starting first. Computed exactly for that relaxation (work-conserving
+  greedy: the min fleet sends as early as possible, paid capacity as late as deadlines
+  allow), so the run judged, being one such schedule, cannot cost less.
+Acceptance ratios (`sim.acceptance`) are against these two, never against a reference
+policy.
 
 Observation modes (`sim.OBSERVATION_MODES`): every realistic policy runs under the mode
 it is given (`observation` attribute). KEDA's RabbitMQ scaler reads the broker the way the
@@ -25,8 +51,9 @@ mode allows: `QueueLength` over the HTTP API counts `messages` (ready + unacked:
 scaler on `rabbitmq_queue_messages`, the same count), over AMQP `message_count` (ready
 only: the `amqp` mode). `MessageRate` and `ExpectedQueueConsumptionTime` need the HTTP
 API's rates (`needs`), so they run only where the broker reports rates (`management`) and
-are listed as not applicable elsewhere, never fed a made-up rate. The static fleet and the
-two oracles read nothing observable (`mode_independent`) and run once.
+are listed as not applicable elsewhere, never fed a made-up rate. The static fleet, the
+reference policies and the wait floor read nothing observable (`mode_independent`) and
+run once.
 
 Where the KEDA/HPA facts come from (cited again next to each use):
 - KEDA ScaledObject reference and "Scaling Deployments" concepts (keda.sh docs,
@@ -70,11 +97,21 @@ Where the KEDA/HPA facts come from (cited again next to each use):
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
-from .sim import DEFAULT_OBSERVATION, EPSILON, Policy, Scenario, SimView, observation_mode, simulate
+from .sim import (
+    DEFAULT_OBSERVATION,
+    EPSILON,
+    Policy,
+    Scenario,
+    Series,
+    SimView,
+    observation_mode,
+    simulate,
+)
 
 # KEDA / HPA defaults (see module docstring for sources).
 KEDA_POLLING_INTERVAL_S = 30.0
@@ -313,7 +350,7 @@ class KedaExpectedConsumptionTime(_KedaBase):
         return ceil_int(ratio * view.ready_replicas)
 
 
-# --------------------------------------------------------------------------- simple fleets and bounds
+# --------------------------------------------------------------------------- static fleet and reference policies
 @dataclass
 class StaticFleet:
     """A fixed number of workers, whatever happens."""
@@ -327,18 +364,24 @@ class StaticFleet:
         return self.replicas
 
 
-def _clamp(scenario: Scenario, desired: int) -> int:
+def useful_max_replicas(scenario: Scenario) -> int:
+    """The most pods that can send: max, or fewer when the provider cap saturates first."""
     upper = scenario.max_replicas
     if scenario.max_send_rate is not None:
-        # Pods beyond the provider cap cannot send more; the bounds know that.
         upper = min(upper, max(scenario.min_replicas, ceil_int(scenario.max_send_rate / scenario.rate_per_replica)))
-    return max(scenario.min_replicas, min(upper, desired))
+    return upper
+
+
+def _clamp(scenario: Scenario, desired: int) -> int:
+    # Pods beyond the provider cap cannot send more; the reference policies know that.
+    return max(scenario.min_replicas, min(useful_max_replicas(scenario), desired))
 
 
 @dataclass
 class IdealReactive:
-    """True rate and backlog every second, no delay, no foresight:
-    desired = ceil((λ_now + B / drain_seconds) / μ). Only start-up time limits it."""
+    """Reference policy (not a bound): true rate and backlog every second, no delay, no
+    foresight: desired = ceil((λ_now + B / drain_seconds) / μ). It drains a backlog within
+    the SLO, not as fast as it could, so a policy that reacts harder beats it on a burst."""
 
     scenario: Scenario
     name: str = "ideal-reactive"
@@ -353,9 +396,9 @@ class IdealReactive:
 
 @dataclass
 class Clairvoyant:
-    """Knows future arrivals: provisions at t for the highest rate over [t, t + start-up]
-    (so pods are ready when the surge lands and are not dropped before it ends), plus the
-    backlog term. The bound for announced surges."""
+    """Reference policy (not a bound): knows future arrivals and provisions at t for the
+    highest rate over [t, t + start-up] (so pods are ready when the surge lands and are
+    not dropped before it ends), plus the backlog term of `IdealReactive`."""
 
     scenario: Scenario
     name: str = "clairvoyant"
@@ -367,6 +410,186 @@ class Clairvoyant:
         rate = s.arrival.max_between(now, now + s.startup_seconds)
         need = (rate + view.true_backlog / s.drain_seconds) / s.rate_per_replica
         return _clamp(s, ceil_int(need))
+
+
+# --------------------------------------------------------------------------- bounds
+def surge_onset(scenario: Scenario) -> float | None:
+    """The first time the arrival rate rises above the base rate (its rate at t=0), or
+    None when it never does. A policy without foresight cannot know of a surge earlier."""
+    profile, base = scenario.arrival, scenario.base_rate
+    points = list(zip(profile.times, profile.rates))
+    for (t0, r0), (t1, r1) in zip(points, points[1:]):
+        if r1 <= base + EPSILON:
+            continue
+        if t1 <= t0 or r0 > base + EPSILON:
+            return t0  # a jump, or already above at t0
+        return t0 + (base - r0) / (r1 - r0) * (t1 - t0)  # a linear climb crossing the base
+    return None
+
+
+def reaction_time(scenario: Scenario, dt: float = 1.0) -> float:
+    """When the wait floor asks for every pod: t=0 for an announced surge (the schedule is
+    foresight), else the start of the step holding the onset (no causal policy can know of
+    it before its first message, and it sees that message a step later at the earliest)."""
+    if scenario.announced:
+        return 0.0
+    onset = surge_onset(scenario)
+    if onset is None or onset >= scenario.duration_seconds:
+        return math.inf
+    return math.floor(onset / dt + EPSILON) * dt
+
+
+@dataclass
+class CausalWaitFloor:
+    """The bound on time in queue (module docstring, "Bounds"): the base fleet until the
+    surge's first step (t=0 when announced), then every pod that can send, kept."""
+
+    scenario: Scenario
+    dt: float = 1.0
+    name: str = "wait-floor"
+    poll_seconds: float = 1.0
+    mode_independent: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        self.react_at = reaction_time(self.scenario, self.dt)
+        self.poll_seconds = self.dt
+
+    def step(self, now: float, view: SimView) -> int:
+        if now < self.react_at - EPSILON:
+            return self.scenario.initial_replicas
+        return max(self.scenario.initial_replicas, useful_max_replicas(self.scenario))
+
+
+def wait_floor_applies(scenario: Scenario, floor: Series, run: Series) -> str | None:
+    """None when the wait floor provably bounds `run`'s time in queue; else why not.
+
+    Each step the queue sends min(capacity, what is queued); by induction the floor has
+    sent at least as much as the run after every step if, at every step, the floor had at
+    least the run's sending capacity or emptied its queue. FIFO then serves every message
+    no later under the floor: every percentile, the maximum and the ages left at the end
+    are at most the run's.
+    """
+    cap = scenario.max_send_rate if scenario.max_send_rate is not None else math.inf
+    mu = scenario.rate_per_replica
+    for t, floor_ready, run_ready, floor_backlog in zip(floor.t, floor.ready, run.ready, floor.backlog):
+        if min(cap, run_ready * mu) > min(cap, floor_ready * mu) + EPSILON and floor_backlog > 1e-6:
+            return (f"at t={t:g}s it had {run_ready} ready pods to the floor's {floor_ready} while the floor "
+                    f"had a backlog (pods held before the surge, or foresight)")
+    return None
+
+
+@dataclass(frozen=True)
+class CostFloor:
+    """`cost_floor`'s answer: the bound and the schedule that attains it (relaxed)."""
+
+    max_wait_seconds: float    # W: no message may wait longer
+    replica_seconds: float     # the bound (math.inf when no fleet within max can do it)
+    peak_pods: int             # ready pods at the peak of the cheapest schedule
+    paid_pod_seconds: float    # ready pod-seconds above the min fleet
+    startup_pod_seconds: float # pods above the initial fleet, each starting startup_seconds
+
+
+def arrivals_per_step(scenario: Scenario, dt: float = 1.0) -> list[float]:
+    """Messages published in each step, as the simulator counts them (`cost_floor` takes
+    them precomputed when it is called for many runs of one scenario)."""
+    steps = int(round(scenario.duration_seconds / dt))
+    return [scenario.arrival.integral(k * dt, (k + 1) * dt) for k in range(steps)]
+
+
+def _paid_work(arrived: Sequence[float], required: Sequence[float], capacity: Sequence[float],
+               free: float) -> float | None:
+    """Least work beyond the free capacity that meets every deadline, or None if none can.
+
+    Variables: D[j], messages sent by the end of step j, with required[j] <= D[j] <=
+    arrived[j] and 0 <= D[j] - D[j-1] <= capacity[j]; minimise the sum of
+    max(0, D[j] - D[j-1] - free). `least[j]` is the least D[j] from which every later
+    deadline can still be met; the optimum sends with the free capacity as early as
+    possible (it costs nothing and lightens every later step) and pays only for what
+    `least` forces, as late as it can (so the free capacity in between takes its share).
+    """
+    steps = len(arrived)
+    least = [0.0] * steps
+    running = -math.inf
+    for j in range(steps - 1, -1, -1):
+        running = max(required[j], running - (capacity[j + 1] if j + 1 < steps else 0.0))
+        least[j] = running
+        if running > arrived[j] + 1e-6 * max(1.0, arrived[j]):
+            return None
+    if steps and least[0] > capacity[0] + 1e-6 * max(1.0, capacity[0]):
+        return None  # nothing is sent before the first step
+    sent = paid = 0.0
+    for j in range(steps):
+        free_now = min(free, capacity[j])
+        after = max(least[j], min(sent + free_now, arrived[j]))
+        paid += max(0.0, after - sent - free_now)
+        sent = after
+    return paid
+
+
+class _CostFloorProblem:
+    """`cost_floor`'s relaxation for one scenario and longest wait; `total(p)` is the least
+    replica-seconds with a peak of at most p ready pods."""
+
+    def __init__(self, scenario: Scenario, max_wait_seconds: float, dt: float = 1.0,
+                 arrivals: Sequence[float] | None = None) -> None:
+        self.mu, self.startup = scenario.rate_per_replica, scenario.startup_seconds
+        self.cap = scenario.max_send_rate if scenario.max_send_rate is not None else math.inf
+        self.dt = dt
+        self.steps = int(round(scenario.duration_seconds / dt))
+        wait_steps = max(0, int(round(max_wait_seconds / dt)))
+        per_step = arrivals_per_step(scenario, dt) if arrivals is None else arrivals
+        self.arrived = list(itertools.accumulate(per_step))
+        self.required = [self.arrived[j - wait_steps] if j >= wait_steps else 0.0 for j in range(self.steps)]
+        self.initial, self.min_pods = scenario.initial_replicas, scenario.min_replicas
+        self.top = max(self.initial, useful_max_replicas(scenario))
+
+    def total(self, pods: int) -> tuple[float, float]:
+        """(replica-seconds, paid work in messages); math.inf when the deadlines cannot be met."""
+        dt, mu = self.dt, self.mu
+        # Before the first new pod can be ready only the initial fleet sends.
+        capacity = [min(self.cap, mu * (min(self.initial, pods) if k * dt < self.startup - EPSILON else pods)) * dt
+                    for k in range(self.steps)]
+        paid = _paid_work(self.arrived, self.required, capacity, self.min_pods * mu * dt)
+        if paid is None:
+            return math.inf, math.inf
+        return self.min_pods * self.steps * dt + paid / mu + self.startup * max(0, pods - self.initial), paid
+
+
+def cost_floor(scenario: Scenario, max_wait_seconds: float, dt: float = 1.0,
+               arrivals: Sequence[float] | None = None) -> CostFloor:
+    """The fewest replica-seconds any policy needs so that no message waits longer than
+    `max_wait_seconds` (module docstring, "Bounds").
+
+    A message of step k must be sent by step k + W; one whose deadline falls after the
+    end may stay queued (the simulator counts it with its age at the end, at most W).
+    Replica-seconds >= min × duration + (ready pod-seconds above min) + startup × (peak
+    ready pods − initial pods); ready pods >= sending rate / rate per replica. For a peak
+    of p pods the middle term is `_paid_work` with the capacity capped at p pods (and at
+    the initial fleet before the first new pod can be ready); the total is convex in p
+    (the least of a linear program as one bound of it moves, plus a linear term), so the
+    least over p is found by bisection on its slope.
+    """
+    problem = _CostFloorProblem(scenario, max_wait_seconds, dt, arrivals)
+    cache: dict[int, tuple[float, float]] = {}
+
+    def value(pods: int) -> float:
+        if pods not in cache:
+            cache[pods] = problem.total(pods)
+        return cache[pods][0]
+
+    lo, hi = problem.initial, problem.top  # the least p with value(p + 1) >= value(p)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if value(mid + 1) < value(mid) or (math.isinf(value(mid)) and math.isinf(value(mid + 1))):
+            lo = mid + 1
+        else:
+            hi = mid
+    best = min(range(max(problem.initial, lo - 2), min(problem.top, lo + 2) + 1), key=value)
+    replica_seconds, paid = cache[best]
+    if math.isinf(replica_seconds):
+        return CostFloor(max_wait_seconds, math.inf, best, math.inf, math.inf)
+    return CostFloor(max_wait_seconds, replica_seconds, best, paid / problem.mu,
+                     problem.startup * max(0, best - problem.initial))
 
 
 # --------------------------------------------------------------------------- ours
@@ -537,24 +760,29 @@ def keda_queue_length(scenario: Scenario, value: float = KEDA_QUEUE_LENGTH_DEFAU
                            use_cached_metrics=use_cached_metrics)
 
 
+# The tuning rule's allowance for KEDA's detection: one HPA sync.
+KEDA_TUNING_SLACK_S = HPA_SYNC_PERIOD_S
+
+
 def tune_keda_queue_length(scenario: Scenario, values: tuple[float, ...] = KEDA_TUNING_VALUES,
                            observation: str | None = None,
-                           ideal_p99: float | None = None) -> tuple[float, dict[float, tuple[float, float]]]:
+                           floor_p99: float | None = None) -> tuple[float, dict[float, tuple[float, float]]]:
     """Pick a QueueLength value for the scenario by a grid search, with hindsight.
 
-    Rule: among the grid values whose p99 time-in-queue is within 1.3x the ideal-reactive
-    bound's, the one with the fewest replica-seconds; if none qualifies, the lowest p99
-    (ties: fewer replica-seconds). Tuning on the very scenario being judged flatters KEDA
-    — a user cannot do that for an unforeseen surge — which is the point of the baseline.
-    `observation` as for `keda_queue_length`; `ideal_p99` saves re-running the bound.
-    Returns the value and {value: (p99, replica_seconds)}.
+    Rule: among the grid values whose p99 time-in-queue is at most 1.3 x the wait floor's
+    p99 plus one HPA sync (15 s), the one with the fewest replica-seconds; if none
+    qualifies, the lowest p99 (ties: fewer replica-seconds). Tuning on the very scenario
+    being judged flatters KEDA — a user cannot do that for an unforeseen surge — which is
+    the point of the baseline. `observation` as for `keda_queue_length`; `floor_p99` saves
+    re-running the floor. Returns the value and {value: (p99, replica_seconds)}.
     """
-    bound = ideal_p99 if ideal_p99 is not None else simulate(scenario, IdealReactive(scenario)).metrics.p99_seconds
+    if floor_p99 is None:
+        floor_p99 = simulate(scenario, CausalWaitFloor(scenario)).metrics.p99_seconds
     results: dict[float, tuple[float, float]] = {}
     for value in values:
         m = simulate(scenario, keda_queue_length(scenario, value, observation=observation)).metrics
         results[value] = (m.p99_seconds, m.replica_seconds)
-    good = [v for v, (p99, _) in results.items() if p99 <= 1.3 * bound + EPSILON]
+    good = [v for v, (p99, _) in results.items() if p99 <= 1.3 * floor_p99 + KEDA_TUNING_SLACK_S + EPSILON]
     if good:
         best = min(good, key=lambda v: (results[v][1], results[v][0]))
     else:
@@ -565,8 +793,9 @@ def tune_keda_queue_length(scenario: Scenario, values: tuple[float, ...] = KEDA_
 def default_policies(scenario: Scenario, include_ours: bool = True, tuned_value: float | None = None,
                      observation: str = DEFAULT_OBSERVATION, applicable_only: bool = True) -> list[Policy]:
     """Every policy side by side under one observation mode, fresh (policies keep state;
-    never reuse one across runs). `applicable_only` drops the ones needing a field the mode
-    hides (`sim.not_applicable`); `compare` keeps them to list them as not applicable."""
+    never reuse one across runs), the wait floor included. `applicable_only` drops the ones
+    needing a field the mode hides (`sim.not_applicable`); `compare` keeps them to list
+    them as not applicable."""
     from .sim import not_applicable
 
     mode = observation_mode(observation).name
@@ -582,6 +811,7 @@ def default_policies(scenario: Scenario, include_ours: bool = True, tuned_value:
         KedaExpectedConsumptionTime(value=scenario.drain_seconds, name="keda-expected-consumption-time", **limits),
         IdealReactive(scenario),
         Clairvoyant(scenario),
+        CausalWaitFloor(scenario),
     ]
     if include_ours and scaling_available():
         policies.append(OurPolicy(scenario_spec(scenario), start_epoch=scenario.start_epoch, observation=mode))

@@ -6,15 +6,16 @@ This module owns the pure simulation engine and its metrics:
   each file's header comment), programmatic variants of them (`SCENARIO_VARIANTS`, e.g.
   `provider-cap-unconfigured`) or any file path;
 - `Policy`: the small protocol every policy implements (`baselines.py` has KEDA/HPA
-  emulations, a static fleet, the ideal-reactive and clairvoyant bounds, and `OurPolicy`,
-  which feeds `scaling.decide` unchanged);
+  emulations, a static fleet, the ideal-reactive and clairvoyant reference policies, the
+  bounds — the causal wait floor and the cost floor — and `OurPolicy`, which feeds
+  `scaling.decide` unchanged);
 - observation modes (`OBSERVATION_MODES`, `Observer`): what the operator can see of the
   broker — the management API, the management API with its metrics collector disabled,
   the Prometheus plugin, AMQP only;
 - `simulate(scenario, policy) -> SimResult`: a deterministic fixed-step (1 s by default)
   fluid model of one RabbitMQ queue and a Deployment of email workers;
 - `compare(scenario) -> dict`: every policy under every observation mode side by side,
-  plus the acceptance checks (used by `make bench`);
+  the bounds for each run, plus the acceptance checks (used by `make bench`);
 - `run_cli_simulate(argv) -> int`: `emailqueue-operator simulate ...` (table, `--json`,
   `--plot FILE.png`).
 
@@ -35,7 +36,8 @@ Model (values in, values out; no clock, no I/O except the CLI edge at the bottom
   observation mode (`policy.observation`, default `management`; see `OBSERVATION_MODES`):
   a field the mode cannot show is None, never a made-up 0. Before t=0 the system is in
   steady state at the base rate (rates and counter histories start there). The oracle
-  fields (`true_*`) exist only for the bounds; realistic policies must not read them.
+  fields (`true_*`) exist only for the reference policies and the bounds; realistic
+  policies must not read them.
 """
 from __future__ import annotations
 
@@ -746,16 +748,17 @@ def simulate(scenario: Scenario, policy: Policy, dt: float = 1.0, observation: s
 
 
 # --------------------------------------------------------------------------- comparison
-# The project's acceptance figures (DESIGN "Measuring"; issues 4 and 11).
-TARGET_P99_VS_IDEAL = 1.3
-TARGET_COST_VS_IDEAL = 1.15
+# The project's acceptance figures (DESIGN "Measuring"; issues 4, 11 and 12). Ratios are
+# against the bounds in `baselines` (the causal wait floor, the cost floor), which no
+# policy in the model can beat, never against a reference policy.
+TARGET_P99_VS_WAIT_FLOOR = 1.3
+TARGET_COST_VS_COST_FLOOR = 1.15
 TARGET_P99_VS_KEDA = 0.6
 TARGET_COST_VS_KEDA = 0.8
-TARGET_P99_VS_CLAIRVOYANT = 1.3
 KEDA_TARGET_SCENARIO = "incident-2023-09-20"
 # Issue 11: blind to rates and unacked (AMQP only), a steady load must not cost much more
-# than the bound nor flap.
-TARGET_COST_VS_IDEAL_AMQP_STEADY = 1.3
+# than the floor nor flap.
+TARGET_COST_VS_COST_FLOOR_AMQP_STEADY = 1.3
 TARGET_SCALE_ACTIONS_PER_HOUR_AMQP_STEADY = 20.0
 # Issue 11: a provider cap nobody configured: the fleet stops within 1.5x the saturation point.
 TARGET_PEAK_VS_SATURATION = 1.5
@@ -767,19 +770,29 @@ def _ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator
 
 
+def detection_allowance(scenario: Scenario, ours_poll_seconds: float, observation: str) -> float:
+    """Seconds a causal policy reading this mode needs to see a surge the wait floor reacts
+    to at its first step: one poll, plus the management API's stats tick (its counts are
+    that stale); an announced surge needs no detection beyond the poll."""
+    stale = observation_mode(observation).stats_tick_seconds or 0.0
+    return ours_poll_seconds + (0.0 if scenario.announced else stale)
+
+
 def acceptance(scenario: Scenario, metrics: Mapping[str, Metrics], ours_poll_seconds: float = 5.0,
                observation: str = DEFAULT_OBSERVATION,
-               ours_saturation: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+               ours_saturation: Mapping[str, Any] | None = None,
+               ours_cost_floor: float | None = None) -> list[dict[str, Any]]:
     """The acceptance checks that apply to this scenario under this observation mode.
 
     A check is a dict {check, mode, value, limit, passed, detail}; `value` is the measured
     quantity in the units of `limit` (a ratio, seconds, actions per hour or replicas).
-    Which checks apply:
+    `metrics` must hold "ours" and, for the time-in-queue check, "wait-floor";
+    `ours_cost_floor` is `baselines.cost_floor` at ours' longest wait. Which checks apply:
     - modes that carry rates (management, prometheus), shipped scenarios (not a variant
-      withholding the cap): `ours` p99 <= 1.3x and replica-seconds <= 1.15x ideal-reactive;
-    - management only, as issue 4 defined them: against KEDA's default on the incident, and
-      against the clairvoyant bound on announced surges;
-    - amqp on a steady scenario: replica-seconds <= 1.3x ideal-reactive and <= 20 scale
+      withholding the cap): `ours` p99 <= 1.3 x the wait floor's p99 + the detection
+      allowance (`detection_allowance`), and replica-seconds <= 1.15 x the cost floor;
+    - management only, as issue 4 defined them: against KEDA's default on the incident;
+    - amqp on a steady scenario: replica-seconds <= 1.3 x the cost floor and <= 20 scale
       actions per hour after the warm-up;
     - a provider cap withheld from our spec, under modes with an ack rate (without one no
       policy can see the cap): peak fleet <= 1.5x max_send_rate / rate_per_replica.
@@ -794,25 +807,23 @@ def acceptance(scenario: Scenario, metrics: Mapping[str, Metrics], ours_poll_sec
         checks.append({"check": label, "mode": mode.name, "value": value, "limit": limit,
                        "passed": value is not None and value <= limit + EPSILON, "detail": detail})
 
-    ideal = metrics.get("ideal-reactive")
-    if ideal is not None and mode.rates is not None and not scenario.spec_withholds_cap:
-        # 1 s of grace on the bound: p99s are quantised to the 1 s step.
-        check("p99 / ideal-reactive p99", _ratio(ours.p99_seconds, max(ideal.p99_seconds, 1.0)), TARGET_P99_VS_IDEAL)
-        check("replica-seconds / ideal-reactive", _ratio(ours.replica_seconds, ideal.replica_seconds),
-              TARGET_COST_VS_IDEAL)
+    floor = metrics.get("wait-floor")
+    rate_mode = mode.rates is not None and not scenario.spec_withholds_cap
+    if floor is not None and rate_mode:
+        allowance = detection_allowance(scenario, ours_poll_seconds, mode.name)
+        check(f"p99 s vs {TARGET_P99_VS_WAIT_FLOOR:g} x wait-floor p99 + {allowance:g} s detection", ours.p99_seconds,
+              TARGET_P99_VS_WAIT_FLOOR * floor.p99_seconds + allowance, f"wait floor p99 {floor.p99_seconds:g} s")
+    if ours_cost_floor is not None and rate_mode:
+        check("replica-seconds / cost floor", _ratio(ours.replica_seconds, ours_cost_floor), TARGET_COST_VS_COST_FLOOR,
+              f"cost floor {ours_cost_floor:,.0f} replica-s for a longest wait of {ours.max_seconds:g} s")
     keda = metrics.get("keda-queuelength")
     if keda is not None and scenario.name == KEDA_TARGET_SCENARIO and mode.name == DEFAULT_OBSERVATION:
         check("p99 / keda-queuelength p99", _ratio(ours.p99_seconds, keda.p99_seconds), TARGET_P99_VS_KEDA)
         check("replica-seconds / keda-queuelength", _ratio(ours.replica_seconds, keda.replica_seconds),
               TARGET_COST_VS_KEDA)
-    seer = metrics.get("clairvoyant")
-    if seer is not None and scenario.announced and mode.name == DEFAULT_OBSERVATION:
-        # Limit in seconds: 1.3 x clairvoyant's p99 plus one poll of ours.
-        check("p99 seconds vs 1.3 x clairvoyant p99 + one poll", ours.p99_seconds,
-              TARGET_P99_VS_CLAIRVOYANT * seer.p99_seconds + ours_poll_seconds)
-    if ideal is not None and mode.name == "amqp" and scenario.steady:
-        check("replica-seconds / ideal-reactive (steady, amqp)", _ratio(ours.replica_seconds, ideal.replica_seconds),
-              TARGET_COST_VS_IDEAL_AMQP_STEADY)
+    if ours_cost_floor is not None and mode.name == "amqp" and scenario.steady:
+        check("replica-seconds / cost floor (steady, amqp)", _ratio(ours.replica_seconds, ours_cost_floor),
+              TARGET_COST_VS_COST_FLOOR_AMQP_STEADY)
         check(f"scale actions per hour after {scenario.warmup_seconds:g} s warm-up (steady, amqp)",
               ours.scale_actions_per_hour, TARGET_SCALE_ACTIONS_PER_HOUR_AMQP_STEADY)
     saturation_point = scenario.saturation_replicas
@@ -852,35 +863,65 @@ def scenario_summary(scenario: Scenario) -> dict[str, Any]:
 
 def compare(scenario: Scenario | str, include_ours: bool = True, with_series: bool = False,
             observations: Sequence[str] | None = None) -> dict[str, Any]:
-    """Every policy under every observation mode on one scenario, plus the acceptance checks.
+    """Every policy under every observation mode on one scenario, the bounds for each run,
+    and the acceptance checks.
 
-    Mode-independent policies (the static fleet and the two oracles) run once and appear
-    under every mode; the others run once per mode; a policy needing a field the mode hides
-    is listed in `not_applicable` instead. Returns
+    Mode-independent policies (the static fleet, the reference policies and the wait
+    floor) run once and appear under every mode; the others run once per mode; a policy
+    needing a field the mode hides is listed in `not_applicable` instead. For every run but
+    the floor's, `bounds` gives the cost floor at its longest wait and whether the wait
+    floor provably bounds it (`baselines.wait_floor_applies`). Returns
     {"scenario": {...}, "observations": [modes], "mode_independent": [names],
+     "wait_floor": {"react_at", "replicas", "p99_seconds", "max_seconds"},
      "modes": {mode: {"source", "keda_tuned_value", "keda_tuning", "policies": {name: metrics},
+                      "bounds": {name: {"cost_floor", "cost_vs_floor", "wait_floor_applies",
+                                        "wait_floor_note"}},
                       "not_applicable": {name: reason}, "saturation": {name: {...}},
                       "acceptance": [checks], "series"?: {name: series}}},
      "acceptance": [every mode's checks],
      # the first mode's figures again, as before observation modes existed:
      "keda_tuned_value": v, "keda_tuning": {...}, "policies": {...}, "series"?: {...}}.
     """
-    from .baselines import default_policies, tune_keda_queue_length  # late: baselines imports sim
+    # late: baselines imports sim
+    from .baselines import (
+        CausalWaitFloor,
+        arrivals_per_step,
+        cost_floor,
+        default_policies,
+        tune_keda_queue_length,
+        useful_max_replicas,
+        wait_floor_applies,
+    )
 
     if isinstance(scenario, str):
         scenario = load_scenario(scenario)
     modes = list(observations or OBSERVATION_MODES)
     for name in modes:
         observation_mode(name)
-    once: dict[str, SimResult] = {}
+    floor_policy = CausalWaitFloor(scenario)
+    floor_run = simulate(scenario, floor_policy)
+    floor_run = SimResult(replace(floor_run.metrics, observation="any"), floor_run.series)
+    once: dict[str, SimResult] = {floor_policy.name: floor_run}
+    floor_bounds: dict[str, dict[str, Any]] = {}  # mode-independent runs: computed once
+    arrivals = arrivals_per_step(scenario)
+
+    def bounds_for(name: str, run: SimResult) -> dict[str, Any]:
+        floor = cost_floor(scenario, run.metrics.max_seconds, arrivals=arrivals)
+        note = wait_floor_applies(scenario, floor_run.series, run.series)
+        finite = math.isfinite(floor.replica_seconds)
+        return {"cost_floor": floor.replica_seconds if finite else None,
+                "cost_vs_floor": _ratio(run.metrics.replica_seconds, floor.replica_seconds) if finite else None,
+                "wait_floor_applies": note is None, "wait_floor_note": note}
+
     by_mode: dict[str, Any] = {}
-    ideal_p99: float | None = None
     for mode in modes:
-        tuned_value, tuning = tune_keda_queue_length(scenario, observation=mode, ideal_p99=ideal_p99)
+        tuned_value, tuning = tune_keda_queue_length(scenario, observation=mode,
+                                                     floor_p99=floor_run.metrics.p99_seconds)
         policies = default_policies(scenario, include_ours, tuned_value, observation=mode, applicable_only=False)
         results: dict[str, SimResult] = {}
         skipped: dict[str, str] = {}
         saturation: dict[str, Any] = {}
+        bounds: dict[str, Any] = {}
         for policy in policies:
             if policy.name in results or policy.name in skipped:
                 raise ValueError(f"two policies named {policy.name!r}")
@@ -889,38 +930,49 @@ def compare(scenario: Scenario | str, include_ours: bool = True, with_series: bo
                     run = simulate(scenario, policy, observation=mode)
                     once[policy.name] = SimResult(replace(run.metrics, observation="any"), run.series)
                 results[policy.name] = once[policy.name]
+                if policy.name != floor_policy.name:
+                    if policy.name not in floor_bounds:
+                        floor_bounds[policy.name] = bounds_for(policy.name, once[policy.name])
+                    bounds[policy.name] = floor_bounds[policy.name]
                 continue
             reason = not_applicable(policy, mode)
             if reason is not None:
                 skipped[policy.name] = reason
                 continue
             results[policy.name] = simulate(scenario, policy, observation=mode)
+            bounds[policy.name] = bounds_for(policy.name, results[policy.name])
             summary = getattr(policy, "saturation_summary", None)
             if callable(summary):
                 saturation[policy.name] = summary()
-        if ideal_p99 is None and "ideal-reactive" in once:
-            ideal_p99 = once["ideal-reactive"].metrics.p99_seconds
         metrics = {name: r.metrics for name, r in results.items()}
         ours_poll = next((p.poll_seconds for p in policies if p.name == "ours"), 5.0)
+        ours_floor = (bounds.get("ours") or {}).get("cost_floor")
         block: dict[str, Any] = {
             "source": OBSERVATION_MODES[mode].source,
             "hidden": sorted(OBSERVATION_MODES[mode].hidden),
             "keda_tuned_value": tuned_value,
             "keda_tuning": {str(v): {"p99_seconds": p99, "replica_seconds": cost} for v, (p99, cost) in tuning.items()},
             "policies": {name: asdict(m) for name, m in metrics.items()},
+            "bounds": bounds,
             "not_applicable": skipped,
             "saturation": saturation,
+            "ours_poll_seconds": ours_poll,
+            "detection_allowance_seconds": detection_allowance(scenario, ours_poll, mode),
             "acceptance": acceptance(scenario, metrics, ours_poll, observation=mode,
-                                     ours_saturation=saturation.get("ours")),
+                                     ours_saturation=saturation.get("ours"), ours_cost_floor=ours_floor),
         }
         if with_series:
             block["series"] = {name: asdict(r.series) for name, r in results.items()}
         by_mode[mode] = block
     first = by_mode[modes[0]]
+    react_at = floor_policy.react_at
     out: dict[str, Any] = {
         "scenario": scenario_summary(scenario),
         "observations": modes,
         "mode_independent": list(once),
+        "wait_floor": {"react_at": react_at if math.isfinite(react_at) else None,
+                       "replicas": max(scenario.initial_replicas, useful_max_replicas(scenario)),
+                       "p99_seconds": floor_run.metrics.p99_seconds, "max_seconds": floor_run.metrics.max_seconds},
         "modes": by_mode,
         "acceptance": [c for mode in modes for c in by_mode[mode]["acceptance"]],
         "keda_tuned_value": first["keda_tuned_value"],
@@ -940,6 +992,22 @@ TABLE_COLUMNS = (
     ("peak pods", "peak_replicas", "{}"), ("scale events", "scale_events", "{}"),
     ("actions/h", "scale_actions_per_hour", "{:.1f}"),
 )
+# Columns from a block's `bounds`: replica-seconds over the cost floor at the run's longest
+# wait, and whether the wait floor provably bounds the run.
+BOUND_HEADERS = ("× cost floor", "wait floor holds")
+
+
+def _bound_cells(block: Mapping[str, Any], name: str) -> list[str]:
+    bound = (block.get("bounds") or {}).get(name)
+    if bound is None:
+        return ["–", "–"]
+    ratio = "–" if bound.get("cost_vs_floor") is None else f"{bound['cost_vs_floor']:.3f}"
+    return [ratio, "yes" if bound.get("wait_floor_applies") else "no"]
+
+
+def _rows(block: Mapping[str, Any]) -> list[list[str]]:
+    return [[fmt.format(m[key]) for _, key, fmt in TABLE_COLUMNS] + _bound_cells(block, name)
+            for name, m in block["policies"].items()]
 
 
 def _mode_blocks(report: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
@@ -957,10 +1025,10 @@ def _check_line(c: Mapping[str, Any]) -> str:
 
 def format_table(report: Mapping[str, Any]) -> str:
     """A plain-text table per observation mode of one `compare` report."""
-    headers = [h for h, _, _ in TABLE_COLUMNS]
+    headers = [h for h, _, _ in TABLE_COLUMNS] + list(BOUND_HEADERS)
     lines: list[str] = []
     for mode, block in _mode_blocks(report):
-        rows = [[fmt.format(m[key]) for _, key, fmt in TABLE_COLUMNS] for m in block["policies"].values()]
+        rows = _rows(block)
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
         lines += [f"scenario {report['scenario']['name']}, observation {mode} "
                   f"(keda-queuelength-tuned value = {block['keda_tuned_value']:g})",
@@ -981,14 +1049,14 @@ def print_report(report: Mapping[str, Any]) -> None:
     except ImportError:  # rich is an optional extra
         print(format_table(report))
         return
-    console = Console(width=max(Console().width, 130))  # never truncate figures
+    console = Console(width=max(Console().width, 170))  # never truncate figures
     for mode, block in _mode_blocks(report):
         table = Table(title=f"{report['scenario']['name']} — observation {mode} — "
                             f"keda-queuelength-tuned value {block['keda_tuned_value']:g}")
-        for header, _, _ in TABLE_COLUMNS:
+        for header in [h for h, _, _ in TABLE_COLUMNS] + list(BOUND_HEADERS):
             table.add_column(header, justify="left" if header == "policy" else "right")
-        for m in block["policies"].values():
-            table.add_row(*(fmt.format(m[key]) for _, key, fmt in TABLE_COLUMNS))
+        for row in _rows(block):
+            table.add_row(*row)
         console.print(table)
         for name, reason in block.get("not_applicable", {}).items():
             console.print(f"  {name}: not applicable ({reason})")
@@ -1022,6 +1090,11 @@ def plot(reports: Sequence[Mapping[str, Any]], path: str | Path) -> None:
         top.set_ylabel("arrival rate (emails/s)")
         for name, s in series.items():
             if name == "static":  # its backlog dwarfs every other line
+                continue
+            if name == "wait-floor":  # a bound on wait: its backlog is the floor, its fleet is max
+                floor_line, = mid.plot(minutes, s["backlog"], label="wait-floor (bound)", color="black",
+                                       linestyle="--", linewidth=1)
+                mid.legend(handles=[floor_line], fontsize="small")
                 continue
             mid.plot(minutes, s["backlog"], label=name, linewidth=1)
             bottom.plot(minutes, s["replicas"], label=name, linewidth=1)

@@ -1,4 +1,5 @@
-"""Reference policies behave as their documentation says (KEDA + HPA legacy, bounds, ours)."""
+"""Reference policies behave as their documentation says (KEDA + HPA legacy, static, ideal-reactive,
+clairvoyant, ours); the bounds have their own tests (test_bounds.py)."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -212,18 +213,18 @@ def test_default_policies_under_a_mode(mode: str) -> None:
     names = {p.name for p in runnable}
     # KEDA's rate modes read the management API's rates; nowhere else.
     assert ({"keda-messagerate", "keda-expected-consumption-time"} <= names) is (mode == "management")
-    assert {"static", "keda-queuelength", "keda-queuelength-cached", "ideal-reactive", "clairvoyant",
+    assert {"static", "keda-queuelength", "keda-queuelength-cached", "ideal-reactive", "clairvoyant", "wait-floor",
             "ours", "ours-crd-defaults"} <= names
     cached = {p.name: getattr(p, "use_cached_metrics", None) for p in runnable}
     assert cached["keda-queuelength"] is False and cached["keda-queuelength-cached"] is True
     for policy in every:
         if getattr(policy, "mode_independent", False):
-            assert policy.name in ("static", "ideal-reactive", "clairvoyant")
+            assert policy.name in ("static", "ideal-reactive", "clairvoyant", "wait-floor")
         else:
             assert policy.observation == mode
 
 
-# --------------------------------------------------------------------------- static and bounds
+# --------------------------------------------------------------------------- static and reference policies
 def test_static_fleet_never_moves() -> None:
     s = load_scenario("incident-2023-09-20")
     series = simulate(s, StaticFleet(baselines.static_replicas(s))).series

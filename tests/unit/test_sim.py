@@ -353,8 +353,8 @@ def test_scenario_file_by_path(tmp_path: Path) -> None:
 def test_compare_reports_every_policy_and_the_incident_acceptance_checks() -> None:
     report = sim.compare("incident-2023-09-20")
     for name in ("static", "keda-queuelength", "keda-queuelength-cached", "keda-queuelength-tuned",
-                 "keda-messagerate", "keda-expected-consumption-time", "ideal-reactive", "clairvoyant", "ours",
-                 "ours-crd-defaults"):
+                 "keda-messagerate", "keda-expected-consumption-time", "ideal-reactive", "clairvoyant", "wait-floor",
+                 "ours", "ours-crd-defaults"):
         assert name in report["policies"]
     # Issue 4's checks, under the management API they were defined with.
     checks = {c["check"]: c for c in report["acceptance"] if c["mode"] == "management"}
@@ -364,13 +364,15 @@ def test_compare_reports_every_policy_and_the_incident_acceptance_checks() -> No
     block = report["modes"]["management"]
     fresh, cached = block["policies"]["keda-queuelength"], block["policies"]["keda-queuelength-cached"]
     assert fresh["p99_seconds"] < cached["p99_seconds"]  # KEDA's cache delays the HPA by up to a poll
-    json.dumps(report)  # JSON-serialisable as is
+    assert block["bounds"]["ours"]["wait_floor_applies"] and block["bounds"]["ours"]["cost_vs_floor"] >= 1
+    assert report["wait_floor"]["react_at"] == 600 and report["wait_floor"]["replicas"] == 60
+    json.dumps(report, allow_nan=False)  # JSON-serialisable as is, no Infinity
 
 
 def test_compare_runs_every_mode_and_the_oracles_once() -> None:
     report = sim.compare("double-spike", include_ours=False)
     assert report["observations"] == list(sim.OBSERVATION_MODES)
-    assert set(report["mode_independent"]) == {"static", "ideal-reactive", "clairvoyant"}
+    assert set(report["mode_independent"]) == {"static", "ideal-reactive", "clairvoyant", "wait-floor"}
     blocks = report["modes"]
     for name in report["mode_independent"]:
         figures = [blocks[mode]["policies"][name] for mode in report["observations"]]
@@ -393,8 +395,9 @@ def test_acceptance_checks_per_mode_follow_issue_11() -> None:
         return out
 
     steady = labels("steady")
-    for mode in ("management", "prometheus"):  # the modes that carry rates
-        assert steady[mode] == ["p99 / ideal-reactive p99", "replica-seconds / ideal-reactive"]
+    for mode in ("management", "prometheus"):  # the modes that carry rates: against the two floors
+        assert len(steady[mode]) == 2
+        assert "wait-floor p99" in steady[mode][0] and steady[mode][1] == "replica-seconds / cost floor"
     assert steady["management-nocollector"] == []
     assert len(steady["amqp"]) == 2 and all("amqp" in label for label in steady["amqp"])
     unconfigured = labels("provider-cap-unconfigured")
