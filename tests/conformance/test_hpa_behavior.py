@@ -1,7 +1,7 @@
 """The HPA's behavior logic, case by case from upstream's own tables.
 
-Source: kubernetes/kubernetes pkg/controller/podautoscaler/horizontal_test.go (k8s.io/kubernetes
-v1.36 line): TestScalingWithRules (convertDesiredReplicasWithBehaviorRate: rate policies, min,
+Source: kubernetes/kubernetes pkg/controller/podautoscaler/horizontal_test.go (k8s.io/kubernetes,
+a 1.33+ version): TestScalingWithRules (convertDesiredReplicasWithBehaviorRate: rate policies, min,
 max), TestNormalizeDesiredReplicasWithBehavior (stabilizeRecommendationWithBehaviors),
 TestNormalizeDesiredReplicas (the behavior-less stabilizeRecommendation KEDA gets by default),
 TestCalculateScaleUpLimitWithScalingRules, TestCalculateScaleDownLimitWithBehaviors and

@@ -1,6 +1,6 @@
 """Whole-controller HPA cases: one reconcile of an HPA, from upstream's own tests.
 
-Source: kubernetes/kubernetes pkg/controller/podautoscaler/horizontal_test.go (v1.36 line). Each
+Source: kubernetes/kubernetes pkg/controller/podautoscaler/horizontal_test.go (a 1.33+ version). Each
 upstream testCase is one reconcile: metrics (translated as in test_hpa_replica_calc.py), min,
 max, the target's current count, optional behavior rules and the remembered recommendations.
 Upstream's `recommendations: nil` is a controller that never saw the HPA (its first reconcile

@@ -1,7 +1,7 @@
 """The HPA's replica calculation and tolerance, case by case from upstream's own tables.
 
-Source: kubernetes/kubernetes pkg/controller/podautoscaler/replica_calculator_test.go (v1.36 line,
-with per-direction Tolerances{scaleDown, scaleUp}). KEDA hands the HPA an External metric with an
+Source: kubernetes/kubernetes pkg/controller/podautoscaler/replica_calculator_test.go (a 1.33+ version:
+per-direction Tolerances{scaleDown, scaleUp}). KEDA hands the HPA an External metric with an
 AverageValue target, so GetExternalPerPodMetricReplicas is the formula EmailQueue's backlog term
 reproduces: keep current while (1 - down) <= usage / (target x current) <= (1 + up), else
 ceil(usage / target). Other metric kinds map onto it when every pod is ready and reports:
