@@ -65,8 +65,9 @@ def test_credentials_never_reach_logs_events_status_or_metrics(kube_env, namespa
                   "url": rabbitmq.mgmt_url, "mgmt-user": user, "mgmt-password": wrong_password},
         "down": {"uri": f"amqp://{user}:{urllib.parse.quote(down_password, safe='')}@127.0.0.1:{dead_port}/"},
     }
-    kube_env.kubectl("-n", namespace, "apply", "-f", "-", input=worker_deployment("email-worker", 1))
     for name, data in secrets.items():
+        # One Deployment each: a second EmailQueue on one target would only wait (TargetClaimed).
+        kube_env.kubectl("-n", namespace, "apply", "-f", "-", input=worker_deployment(f"email-worker-{name}", 1))
         kube_env.kubectl("-n", namespace, "apply", "-f", "-", input=_secret(f"rabbit-{name}", data))
         if "uri" in data:
             broker = {"queue": "emails", "amqpSecretRef": {"name": f"rabbit-{name}", "uriKey": "uri"}}
@@ -76,7 +77,7 @@ def test_credentials_never_reach_logs_events_status_or_metrics(kube_env, namespa
                                         "usernameKey": "username", "passwordKey": "password"},
                       "managementSecretRef": {"name": f"rabbit-{name}", "urlKey": "url",
                                               "usernameKey": "mgmt-user", "passwordKey": "mgmt-password"}}
-        spec = {"scaleTargetRef": {"name": "email-worker"}, "broker": broker, "replicas": {"min": 1, "max": 3},
+        spec = {"scaleTargetRef": {"name": f"email-worker-{name}"}, "broker": broker, "replicas": {"min": 1, "max": 3},
                 "behavior": {"pollSeconds": 2}, "fallback": {"afterFailures": 2, "replicas": 2}}
         kube_env.kubectl("-n", namespace, "apply", "-f", "-", input=emailqueue(name, spec))
     operator = start_operator(namespace)
