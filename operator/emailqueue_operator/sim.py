@@ -625,7 +625,8 @@ def simulate(scenario: Scenario, policy: Policy, dt: float = 1.0, observation: s
     cap = scenario.max_send_rate
     profile = scenario.arrival
 
-    # Pods as ready-at times; index order = creation order (newest last).
+    # Pods as ready-at times, ascending: creation order (newest last, ready last) except
+    # after a scale-down, which re-sorts.
     pods: list[float] = [-math.inf] * scenario.initial_replicas
     queue: deque[list[float]] = deque()  # cohorts [arrival_t, count], FIFO
     queued = 0.0
@@ -651,7 +652,7 @@ def simulate(scenario: Scenario, policy: Policy, dt: float = 1.0, observation: s
 
     for k in range(steps):
         t = k * dt
-        ready_pods = sum(1 for ready_at in pods if ready_at <= t + EPSILON)
+        ready_pods = bisect.bisect_right(pods, t + EPSILON)  # pods stay sorted by ready time
         # Unacked: with a backlog, each consumer's prefetch holds ~one second of work, taken
         # from the queue; without one, the messages being sent right now (Little's law:
         # throughput x 1/mu, one per busy worker). A fleet that keeps up is never at 0 unacked.
@@ -677,7 +678,7 @@ def simulate(scenario: Scenario, policy: Policy, dt: float = 1.0, observation: s
                     pods.sort(key=lambda ready_at: (ready_at <= t + EPSILON, -ready_at))
                     del pods[: len(pods) - desired]
                     pods.sort()
-                ready_pods = sum(1 for ready_at in pods if ready_at <= t + EPSILON)
+                ready_pods = bisect.bisect_right(pods, t + EPSILON)  # pods stay sorted by ready time
 
         arrivals = profile.integral(t, t + dt)
         if arrivals > 0:
@@ -962,7 +963,8 @@ def compare(scenario: Scenario | str, include_ours: bool = True, with_series: bo
                                      ours_saturation=saturation.get("ours"), ours_cost_floor=ours_floor),
         }
         if with_series:
-            block["series"] = {name: asdict(r.series) for name, r in results.items()}
+            block["series"] = {name: {key: list(values) for key, values in vars(r.series).items()}
+                               for name, r in results.items()}
         by_mode[mode] = block
     first = by_mode[modes[0]]
     react_at = floor_policy.react_at
