@@ -784,13 +784,24 @@ def _keep_up(spec: EmailQueueSpec, obs: Observation, state: PolicyState, rates: 
                    memory)
 
 
+@dataclass
+class _Why:
+    """What limited a decision (condition reasons) and why (reason text), collected on the way."""
+
+    limits: list[str]
+    notes: list[str]
+
+    def add(self, limit: str, note: str | None = None) -> None:
+        self.limits.append(limit)
+        if note:
+            self.notes.append(note)
+
+
 def _decide_measured(spec: EmailQueueSpec, obs: Observation, state: PolicyState, now: float) -> Decision:
-    bounds = spec.replicas
-    behavior = spec.behavior
+    bounds, behavior = spec.replicas, spec.behavior
     current = max(0, obs.current_replicas)
     rates = _measure(spec, obs, state, now)
     sat = _update_saturation(spec, obs, state, rates.busy, rates.ack_rate, now)
-    saturation = sat.saturation
     terms, notes = _demand_terms(spec, obs, rates, now)
     keepup = _KeepUp(None, "", {})
     slo_set = spec.target.drain_seconds is not None or spec.target.max_message_age_seconds is not None
@@ -800,103 +811,86 @@ def _decide_measured(spec: EmailQueueSpec, obs: Observation, state: PolicyState,
         if keepup.replicas is not None:
             terms["keepUp"] = keepup.replicas
             notes.append(keepup.note)
-    raw = max(terms.values(), default=0.0)
-    backlog = rates.backlog
-
     announced_due = terms.get("schedule", 0.0) > 0
-    active = backlog > 0 or (rates.arrival or 0.0) > EPSILON or announced_due
-    if active:
-        last_active_at: float = now
-    else:
-        last_active_at = state.last_active_at if state.last_active_at is not None else now
-
-    limits: list[str] = []
+    active = rates.backlog > 0 or (rates.arrival or 0.0) > EPSILON or announced_due
+    last_active_at = now if active else (state.last_active_at if state.last_active_at is not None else now)
+    why = _Why([], notes)
     recommendations = state.recommendations
-    events = state.scale_events
     recommended: int | None = None
 
     def finish(replicas: int, reason: str) -> Decision:
-        new_events = _prune_events(_record_scale(spec, events, now, current, replicas), now, spec)
         new_state = PolicyState(
             recommendations=recommendations,
-            scale_events=new_events,
-            last_active_at=last_active_at,
-            learned_rate=rates.learned,
-            consecutive_failures=0,
-            fleet_replicas=sat.fleet,
-            fleet_since=sat.fleet_since,
-            throughput_baseline=sat.baseline,
-            saturation=saturation,
-            saturation_veto_until=sat.veto_until,
-            last_backlog=backlog,
-            last_at=now,
-            **keepup.state,
+            scale_events=_prune_events(_record_scale(spec, state.scale_events, now, current, replicas), now, spec),
+            last_active_at=last_active_at, learned_rate=rates.learned, consecutive_failures=0,
+            fleet_replicas=sat.fleet, fleet_since=sat.fleet_since, throughput_baseline=sat.baseline,
+            saturation=sat.saturation, saturation_veto_until=sat.veto_until,
+            last_backlog=rates.backlog, last_at=now, **keepup.state,
         )
         return Decision(
-            replicas=replicas,
-            reason=reason,
-            terms=dict(terms),
-            limits=tuple(dict.fromkeys(limits)),
-            fallback_active=False,
-            saturated=saturation is not None,
-            state=new_state,
-            current_replicas=current,
-            recommended=recommended,
-            backlog=backlog,
-            arrival_rate=rates.arrival,
-            rate_per_replica=rates.per_replica,
-            oldest_age_seconds=rates.oldest_age,
+            replicas=replicas, reason=reason, terms=dict(terms), limits=tuple(dict.fromkeys(why.limits)),
+            fallback_active=False, saturated=sat.saturation is not None, state=new_state, current_replicas=current,
+            recommended=recommended, backlog=rates.backlog, arrival_rate=rates.arrival,
+            rate_per_replica=rates.per_replica, oldest_age_seconds=rates.oldest_age,
         )
 
     summary = _summary(spec, rates)
-
     # KEDA activation: a fleet at 0 stays there until the backlog passes activationBacklog.
-    waking = current == 0 and (backlog > bounds.activation_backlog or announced_due)
+    waking = current == 0 and (rates.backlog > bounds.activation_backlog or announced_due)
     if current == 0 and not waking and bounds.min == 0:
-        if backlog > 0:
-            limits.append("activation")
-            reason = f"{summary}; at 0 replicas until backlog > activationBacklog {bounds.activation_backlog}"
-        else:
-            reason = f"{summary}; idle at 0 replicas"
-        return finish(0, reason)
-
+        if rates.backlog > 0:
+            why.add("activation")
+            return finish(0, f"{summary}; at 0 replicas until backlog > activationBacklog {bounds.activation_backlog}")
+        return finish(0, f"{summary}; idle at 0 replicas")
     # KEDA cooldown: N→0 only after a full cooldown without activity.
     idle_for = now - last_active_at
     if current > 0 and bounds.min == 0 and not active and idle_for >= behavior.cooldown_seconds:
-        # The HPA is off at 0 replicas; its history must not shape the next wake-up.
-        recommendations = ()
+        recommendations = ()  # the HPA is off at 0 replicas: its history must not shape the next wake-up
         return finish(0, f"{summary}; idle for {idle_for:.0f}s (cooldown {behavior.cooldown_seconds}s) → 0 replicas")
 
-    lower = max(bounds.min, 1)
-    desired = math.ceil(raw - EPSILON) if raw > 0 else 0
+    raw = max(terms.values(), default=0.0)
     driver = max(terms, key=lambda name: terms[name]) if terms else None
-    if current > 0 and desired != current:
-        ratio = _usage_ratio(spec, driver, raw, rates, current)
-        if (1.0 - behavior.scale_down_tolerance) <= ratio <= (1.0 + behavior.scale_up_tolerance):
-            desired = current
-            limits.append("tolerance")
-    mu = rates.per_replica
-    if spec.target.max_send_rate is not None and mu is not None:
-        send_cap = max(1, math.ceil(spec.target.max_send_rate / mu - EPSILON))
-        if desired > send_cap:
-            desired = send_cap
-            limits.append("maxSendRate")
-            notes.append(f"capped at {send_cap} by maxSendRate {spec.target.max_send_rate:g}/s")
-    if saturation is not None:
-        hold = saturation.cap if saturation.cap is not None else max(current, saturation.observed.replicas)
-        if desired > hold:
-            desired = hold
-            limits.append("saturated")
-            notes.append(f"{saturation.evidence()} → downstream throttling; holding {hold}")
-    recommended = desired
-
+    recommended = _recommend(spec, rates, sat.saturation, driver, raw, current, why)
     # The HPA's first reconcile of a target records its current count as a recommendation
     # (recordInitialRecommendation): a fleet taken over at 10 with demand 2 waits out the
     # scale-down window. Above max it is recorded as max, the count the HPA scales it to.
     if current > 0 and state.last_at is None and not recommendations:
         recommendations = ((now, min(current, bounds.max)),)
+    stabilized, recommendations = _stabilize(behavior, recommendations, recommended, current, now, why)
+    replicas = _shape(spec, current, stabilized, state.scale_events, now, idle_for, why)
+    reason = summary + (f"; {driver} term {terms[driver]:.1f}" if driver is not None else "") + f" → {replicas} replicas"
+    if why.notes:
+        reason += " (" + "; ".join(why.notes) + ")"
+    return finish(replicas, reason)
 
-    # HPA stabilization: up takes the min over its window, down the max over its window.
+
+def _recommend(spec: EmailQueueSpec, rates: _Rates, saturation: Saturation | None, driver: str | None, raw: float,
+               current: int, why: _Why) -> int:
+    """The demand terms' replica count after tolerance, the send-rate cap and saturation."""
+    behavior = spec.behavior
+    desired = math.ceil(raw - EPSILON) if raw > 0 else 0
+    if current > 0 and desired != current:
+        ratio = _usage_ratio(spec, driver, raw, rates, current)
+        if (1.0 - behavior.scale_down_tolerance) <= ratio <= (1.0 + behavior.scale_up_tolerance):
+            desired = current
+            why.add("tolerance")
+    mu = rates.per_replica
+    if spec.target.max_send_rate is not None and mu is not None:
+        send_cap = max(1, math.ceil(spec.target.max_send_rate / mu - EPSILON))
+        if desired > send_cap:
+            desired = send_cap
+            why.add("maxSendRate", f"capped at {send_cap} by maxSendRate {spec.target.max_send_rate:g}/s")
+    if saturation is not None:
+        hold = saturation.cap if saturation.cap is not None else max(current, saturation.observed.replicas)
+        if desired > hold:
+            desired = hold
+            why.add("saturated", f"{saturation.evidence()} → downstream throttling; holding {hold}")
+    return desired
+
+
+def _stabilize(behavior: Any, recommendations: tuple[tuple[float, int], ...], desired: int, current: int,
+               now: float, why: _Why) -> tuple[int, tuple[tuple[float, int], ...]]:
+    """HPA stabilization: scale-up takes the minimum over its window, scale-down the maximum."""
     up_rules, down_rules = behavior.scale_up, behavior.scale_down
     up_cutoff = now - up_rules.stabilization_seconds
     down_cutoff = now - down_rules.stabilization_seconds
@@ -906,61 +900,48 @@ def _decide_measured(spec: EmailQueueSpec, obs: Observation, state: PolicyState,
             up_rec = replicas
         if at > down_cutoff and replicas > down_rec:
             down_rec = replicas
-    stabilized = current
-    if stabilized < up_rec:
-        stabilized = up_rec
-    if stabilized > down_rec:
-        stabilized = down_rec
+    stabilized = min(max(current, up_rec), down_rec)
     if stabilized != desired:
-        limits.append("stabilization")
         window = up_rules.stabilization_seconds if desired > current else down_rules.stabilization_seconds
-        notes.append(f"held at {stabilized} by the {window}s stabilization window")
-    recommendations = _prune_recommendations(
-        recommendations + ((now, desired),), now, up_rules.stabilization_seconds, down_rules.stabilization_seconds
-    )
+        why.add("stabilization", f"held at {stabilized} by the {window}s stabilization window")
+    kept = _prune_recommendations(recommendations + ((now, desired),), now, up_rules.stabilization_seconds,
+                                  down_rules.stabilization_seconds)
+    return stabilized, kept
 
-    # HPA rate policies, then bounds.
+
+def _shape(spec: EmailQueueSpec, current: int, stabilized: int, events: tuple[tuple[float, int], ...], now: float,
+           idle_for: float, why: _Why) -> int:
+    """HPA rate policies, then the bounds (min, max; min 0 waits for the cooldown)."""
+    bounds, behavior = spec.replicas, spec.behavior
+    lower = max(bounds.min, 1)
     replicas = stabilized
     if stabilized > current:
-        up_limit = max(scale_up_limit(current, events, up_rules, now), current)
+        up_limit = max(scale_up_limit(current, events, behavior.scale_up, now), current)
         allowed = min(bounds.max, up_limit)
         if stabilized > allowed:
             replicas = allowed
             if up_limit < bounds.max:
-                limits.append("scaleUpPolicy")
-                notes.append(f"scale-up policy allows {allowed} now")
+                why.add("scaleUpPolicy", f"scale-up policy allows {allowed} now")
             else:
-                limits.append("max")
-                notes.append(f"max {bounds.max}")
+                why.add("max", f"max {bounds.max}")
     elif stabilized < current:
-        down_limit = min(scale_down_limit(current, events, down_rules, now), current)
+        down_limit = min(scale_down_limit(current, events, behavior.scale_down, now), current)
         allowed = max(lower, down_limit)
         if stabilized < allowed and down_limit > lower:
             replicas = allowed
-            limits.append("scaleDownPolicy")
-            notes.append(f"scale-down policy allows {allowed} now")
+            why.add("scaleDownPolicy", f"scale-down policy allows {allowed} now")
     if replicas > bounds.max or (current > bounds.max and replicas == bounds.max):
         # (a fleet found above max is cut to max whatever else holds it: the HPA's rule)
         replicas = bounds.max
-        limits.append("max")
-        notes.append(f"max {bounds.max}")
+        why.add("max", f"max {bounds.max}")
     if replicas < lower:
         replicas = lower
         if bounds.min == 0 and current > 0:
-            limits.append("cooldown")
             wait = max(0.0, behavior.cooldown_seconds - idle_for)
-            notes.append(f"{wait:.0f}s of {behavior.cooldown_seconds}s cooldown left before 0")
+            why.add("cooldown", f"{wait:.0f}s of {behavior.cooldown_seconds}s cooldown left before 0")
         else:
-            limits.append("min")
-            notes.append(f"min {lower}")
-
-    reason = summary
-    if driver is not None:
-        reason += f"; {driver} term {terms[driver]:.1f}"
-    reason += f" → {replicas} replicas"
-    if notes:
-        reason += " (" + "; ".join(notes) + ")"
-    return finish(replicas, reason)
+            why.add("min", f"min {lower}")
+    return replicas
 
 
 def _summary(spec: EmailQueueSpec, rates: _Rates) -> str:
