@@ -60,7 +60,7 @@ testbed-status: ## show which test bed components are running
 ##@ Test
 .PHONY: test
 test: venv deps testbed-bins testbed-brokers ## run every test (unit, integration, e2e); starts what it needs
-	$(PYTEST) tests
+	$(PYTEST) tests --durations=30
 
 .PHONY: test-unit
 test-unit: venv ## fast tests without the test bed

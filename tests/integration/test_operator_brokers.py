@@ -103,7 +103,7 @@ def test_prometheus_source_scales_up_and_down_on_every_broker(kube_env, namespac
     wait_for(lambda: _cond(_status(kube_env, namespace), "Ready").get("status") == "True", 40, "a first poll")
     watch = Watch(kube_env, namespace)
     try:
-        publisher = threading.Thread(target=_publish_steadily, args=(url, 20.0, 40.0), daemon=True)
+        publisher = threading.Thread(target=_publish_steadily, args=(url, 20.0, 25.0), daemon=True)
         publisher.start()
         wait_for(lambda: _replicas(kube_env, namespace) == 4, 40, "4 replicas for 20 emails/s")
         # Rates come from the counters once two scrapes span half the window (10 s here).
