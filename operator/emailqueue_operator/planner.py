@@ -9,11 +9,12 @@ beside KEDA's default (QueueLength 20) and the ideal-reactive bound.
 How each number is chosen (all pure arithmetic; see `recommend`):
 - min = ceil(1.2 × base / μ), at least 1: the base load with 20 % headroom, so ordinary
   jitter never waits for a start-up.
-- max = ceil((peak + B / drain) / μ), B = (peak − min·μ) × (start-up + poll): the backlog
-  an unforeseen surge builds before new pods send, drained within the SLO while the peak
-  keeps arriving; capped by ceil(maxSendRate / μ) when the provider caps sends.
+- max = ceil((peak + B / drain) / μ), B = (peak − min·μ) × (start-up + poll + lag): the
+  backlog an unforeseen surge builds before new pods send (lag: how late the metrics source
+  shows it, `observation_lag_seconds`), drained within the SLO while the peak keeps
+  arriving; capped by ceil(maxSendRate / μ) when the provider caps sends.
 - drainSeconds = the SLO; with a maximum-age SLO, maxMessageAgeSeconds is set instead and
-  the simulator uses drain = age − start-up − poll (at least one poll).
+  the simulator uses drain = age − start-up − poll − lag (at least one poll).
 - backlogPerReplica = μ × drain: the KEDA-parity backlog term then asks for exactly the
   drain term's backlog share, so it never overrides the SLO but still acts if λ is lost.
 - behavior = `baselines.slo_behavior` (poll ≈ start-up / 10, tolerance 0, scale up to max
@@ -27,7 +28,7 @@ A plan that cannot keep its promise says so in one-line warnings, with what it d
   derived number is finite; a base load beyond 10,000 replicas is an error;
 - min and max are capped at the CRD's 10,000 replicas, with a warning saying what the
   capped fleet sends and what the SLO then becomes;
-- an SLO shorter than start-up + poll cannot hold through an unforeseen surge (its first
+- an SLO shorter than start-up + poll + lag cannot hold through an unforeseen surge (its first
   messages wait for new pods): a warning says what would (a higher min, a schedule);
 - the replay is bounded (`REPLAY_MAX_SURGE_SECONDS`, `REPLAY_POD_STEPS_BUDGET`), skipped
   when the fleet the SLO asks for exceeds the CRD's maximum, and a replayed max wait over
@@ -46,7 +47,7 @@ from typing import Any, Sequence
 import yaml
 
 from .baselines import IdealReactive, OurPolicy, keda_queue_length, scaling_available, slo_behavior
-from .sim import Metrics, Scenario, scenario_from_mapping, simulate
+from .sim import MANAGEMENT_STATS_TICK_SECONDS, Metrics, Scenario, scenario_from_mapping, simulate
 from .spec import MAX_REPLICAS_LIMIT, SpecError, parse_spec
 
 MIN_HEADROOM = 1.2
@@ -83,8 +84,31 @@ REPLAY_POD_STEPS_BUDGET = 40_000_000
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def observation_lag_seconds(source: str, poll_seconds: float) -> float:
+    """How long after the broker the operator sees a surge through the source, beyond its poll:
+    the management API shows counts as of its last stats tick; AMQP has no rates, so arrivals
+    are estimated from the backlog change between two polls; the Prometheus plugin is fresh."""
+    if source == "management":
+        return MANAGEMENT_STATS_TICK_SECONDS
+    if source == "amqp":
+        return float(poll_seconds)
+    return 0.0
+
+
+def _finite(value: Any) -> bool:
+    """A real number that is neither NaN nor infinite (an int too large for a float is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message, cut short (an int may have hundreds of digits)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _count(replicas: float) -> str:
@@ -138,17 +162,16 @@ class PlanInput:
         for label, value, low, high, why in bounds:
             if value is None:
                 continue
-            if not _is_number(value) or not math.isfinite(value):
-                found.append(f"{label} must be a finite number, got {value!r}")
+            if not _finite(value):
+                found.append(f"{label} must be a finite number, got {_shown(value)}")
             elif not low <= value <= high:
                 found.append(f"{label} must be between {low:g} and {high:g}{why}, got {value:g}")
         if (self.drain_seconds is None) == (self.max_age_seconds is None):
             found.append("give exactly one SLO: drain seconds or max age seconds")
-        comparable = all(_is_number(v) and math.isfinite(v) for v in (self.base_rate, self.peak_rate))
+        comparable = _finite(self.base_rate) and _finite(self.peak_rate)
         if comparable and self.base_rate > self.peak_rate:
             found.append("base rate must not exceed the peak rate")
-        if (comparable and _is_number(self.max_send_rate) and math.isfinite(self.max_send_rate)
-                and self.max_send_rate < self.base_rate):
+        if comparable and _finite(self.max_send_rate) and self.max_send_rate < self.base_rate:
             found.append(f"max send rate {self.max_send_rate:g}/s is below the base rate {self.base_rate:g}/s: "
                          "the queue would grow without end on an ordinary day")
         for label, value, limit in (("name", self.name, 253), ("deployment", self.deployment, 253)):
@@ -190,7 +213,9 @@ def recommend(inputs: PlanInput) -> Plan:
     mu = inputs.rate_per_replica
     peak, base = inputs.peak_rate, inputs.base_rate
     poll = int(slo_behavior(inputs.startup_seconds, 1)["pollSeconds"])
-    detection = inputs.startup_seconds + poll  # an unforeseen surge waits this long for new pods
+    # An unforeseen surge waits this long for new pods: seen at the next poll, through the source's lag.
+    lag = observation_lag_seconds(inputs.metrics_source, poll)
+    detection = inputs.startup_seconds + poll + lag
     fleet_limit_rate = MAX_REPLICAS_LIMIT * mu
     warnings: list[str] = []
 
@@ -216,23 +241,36 @@ def recommend(inputs: PlanInput) -> Plan:
     # Pods beyond what the provider lets through send nothing: only these rates need new pods.
     sendable_peak = peak if inputs.max_send_rate is None else min(peak, inputs.max_send_rate)
     if too_short and sendable_peak > min_replicas * mu:
-        hold = _replicas(peak / mu)
+        hold = _replicas(sendable_peak / mu)
         raise_min = f" or raise min to ceil(peak / μ) = {hold:,}" if hold <= MAX_REPLICAS_LIMIT else ""
+        seen = f"a {poll}s poll" + (f" and {lag:g}s of {inputs.metrics_source} lag" if lag else "")
         warnings.append(
             f"a {slo_text} cannot hold through an unforeseen surge: new pods need {inputs.startup_seconds:g}s "
-            f"to start plus a {poll}s poll, so its first messages wait about {detection:g}s; announce surges "
+            f"to start plus {seen}, so its first messages wait about {detection:g}s; announce surges "
             f"in spec.schedule{raise_min}")
 
     surge_backlog = max(0.0, peak - min_replicas * mu) * detection
     wanted = (peak + surge_backlog / drain) / mu
     max_replicas = max(min_replicas, _replicas(wanted))
     if inputs.max_send_rate is not None:
-        useful = max(min_replicas, _replicas(inputs.max_send_rate / mu))
+        cap = inputs.max_send_rate
+        useful = max(min_replicas, _replicas(cap / mu))
+        if cap < peak:
+            # FIFO behind a backlog growing at peak − cap, served at cap.
+            consequence = (f"a surge above the cap queues up whatever you run: each second of it adds "
+                           f"{peak / cap - 1:.2g}s of wait, so no SLO holds through a long one")
+        elif cap > peak:
+            consequence = (f"a surge's backlog drains at {cap - peak:g}/s, in about "
+                           f"{surge_backlog / (cap - peak):,.0f}s")
+        else:
+            consequence = "a surge's backlog does not drain until the surge ends"
         if useful < max_replicas:
             lowered_from = _count(wanted) if max_replicas > MAX_REPLICAS_LIMIT else f"{max_replicas:,}"
-            warnings.append(f"the provider cap {inputs.max_send_rate:g}/s makes pods beyond {useful:,} useless: "
-                            f"max lowered from {lowered_from}; surges above the cap queue up whatever you run")
+            warnings.append(f"the provider cap {cap:g}/s makes pods beyond {useful:,} useless: max lowered from "
+                            f"{lowered_from}; {consequence}")
             max_replicas = useful
+        elif cap < peak:
+            warnings.append(f"the provider cap {cap:g}/s is below the peak {peak:g}/s: {consequence}")
     if max_replicas > MAX_REPLICAS_LIMIT:
         max_replicas = MAX_REPLICAS_LIMIT
         if sendable_peak >= fleet_limit_rate:

@@ -222,3 +222,27 @@ def test_replay_work_is_bounded_for_the_largest_fleet() -> None:
                                drain_seconds=1000, surge_seconds=86_400))
     steps = planner.replayed_surge_seconds(plan) + planner.SURGE_START_SECONDS + planner.AFTER_SURGE_SECONDS
     assert plan.max_replicas > 6000 and steps * plan.max_replicas <= planner.REPLAY_POD_STEPS_BUDGET
+
+
+def test_a_provider_cap_under_the_peak_is_flagged_even_when_max_stays() -> None:
+    # One fast replica covers the peak, so max is not lowered; the cap still makes every surge queue up
+    # (found by the property test: a plan without warnings that missed its SLO on the replay).
+    plan = recommend(PlanInput(peak_rate=35, rate_per_replica=1000, startup_seconds=0, base_rate=5,
+                               drain_seconds=2, max_send_rate=28))
+    assert plan.max_replicas == 1
+    (warning,) = plan.warnings
+    assert "the provider cap 28/s is below the peak 35/s" in warning and "adds 0.25s of wait" in warning
+
+
+@pytest.mark.parametrize("source, lag", [("prometheus", 0), ("management", 5), ("amqp", 1)])
+def test_the_metrics_sources_lag_counts_in_the_surge_backlog_and_the_slo_check(source: str, lag: float) -> None:
+    # Management counts are as of the broker's 5 s stats tick; AMQP estimates arrivals over a second poll.
+    # Without the lag, a 4 s drain SLO passed unflagged and the replay waited 5 s (found by the property test).
+    inputs = PlanInput(peak_rate=5, rate_per_replica=0.5, startup_seconds=0, base_rate=0, drain_seconds=4,
+                       metrics_source=source)
+    plan = recommend(inputs)
+    assert planner.observation_lag_seconds(source, plan.poll_seconds) == lag
+    flagged = any("cannot hold through an unforeseen surge" in w for w in plan.warnings)
+    assert flagged == (4 < 0 + plan.poll_seconds + lag)
+    ours = planner.replay(plan).results["ours (planned)"]
+    assert flagged or ours.max_seconds <= 4
