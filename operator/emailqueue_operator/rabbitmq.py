@@ -279,6 +279,30 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def http_get(session: requests.Session, backoff: "_Backoff", what: str, url: str, *,
+             not_found: Callable[[], BrokerError] | None = None, **kwargs: Any) -> requests.Response:
+    """GET for a probe of an HTTP endpoint (`what` names it in errors, never with credentials).
+
+    Transport errors, 401/403 and other HTTP errors become BrokerError subclasses and count
+    in the endpoint's backoff; a 404 raises ``not_found()`` when given (it does not back
+    off: a missing vhost is an answer, not an outage). The caller checks the backoff first
+    and marks success."""
+    try:
+        resp = session.get(url, **kwargs)
+    except requests.RequestException as exc:
+        backoff.failed(type(exc).__name__)
+        raise BrokerError(f"{what} unreachable ({type(exc).__name__})") from None
+    if resp.status_code in (401, 403):
+        backoff.failed(f"HTTP {resp.status_code}")
+        raise BrokerAuthError(f"{what}: HTTP {resp.status_code} for the configured user")
+    if resp.status_code == 404 and not_found is not None:
+        raise not_found()
+    if resp.status_code >= 400:
+        backoff.failed(f"HTTP {resp.status_code}")
+        raise BrokerError(f"{what}: HTTP {resp.status_code}")
+    return resp
+
+
 # --- AMQP -------------------------------------------------------------------------
 
 class _Backoff:
@@ -423,22 +447,12 @@ class ManagementProbe:
 
     def _get_queues(self, vhost: str, params: Mapping[str, str]) -> list[dict[str, Any]]:
         """One GET of a vhost's queue list; every failure is a BrokerError (blind)."""
-        self._backoff.check(self.endpoint.display)
         url = f"{self.endpoint.url.rstrip('/')}/api/queues/{urllib.parse.quote(vhost, safe='')}"
-        try:
-            self.requests += 1
-            resp = self._session.get(url, params=dict(params), timeout=self.timeout)
-        except requests.RequestException as exc:
-            self._backoff.failed(type(exc).__name__)
-            raise BrokerError(f"management API {self.endpoint.display} unreachable ({type(exc).__name__})") from None
-        if resp.status_code in (401, 403):
-            self._backoff.failed(f"HTTP {resp.status_code}")
-            raise BrokerAuthError(f"management API {self.endpoint.display}: HTTP {resp.status_code} for the configured user")
-        if resp.status_code == 404:
-            raise QueueNotFound(f"vhost {vhost!r} not found on {self.endpoint.display}")
-        if resp.status_code >= 400:
-            self._backoff.failed(f"HTTP {resp.status_code}")
-            raise BrokerError(f"management API {self.endpoint.display}: HTTP {resp.status_code}")
+        self._backoff.check(self.endpoint.display)
+        self.requests += 1
+        resp = http_get(self._session, self._backoff, f"management API {self.endpoint.display}", url,
+                        not_found=lambda: QueueNotFound(f"vhost {vhost!r} not found on {self.endpoint.display}"),
+                        params=dict(params), timeout=self.timeout)
         try:
             queues = resp.json()
         except ValueError:

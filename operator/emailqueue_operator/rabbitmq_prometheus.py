@@ -46,8 +46,8 @@ import requests
 import requests.adapters
 from prometheus_client.parser import text_string_to_metric_families
 
-from .rabbitmq import (BrokerAuthError, BrokerError, QueueNotFound, QueueStats, TlsOptions, _Backoff, aggregate,
-                       combine_count, combine_counts, select_queues)
+from .rabbitmq import (BrokerError, QueueNotFound, QueueStats, TlsOptions, _Backoff, aggregate,
+                       combine_count, combine_counts, http_get, select_queues)
 from .rates import counter_rate
 
 PROMETHEUS_DEFAULT_PORT = 15692
@@ -410,21 +410,17 @@ class PrometheusProbe:
 
     def _fetch(self, vhost: str) -> str:
         display = self.endpoint.display
+
+        def not_found() -> BrokerError:
+            self._backoff.failed("HTTP 404")
+            return BrokerError(f"Prometheus endpoint {display}: HTTP 404 (is it the rabbitmq_prometheus listener, "
+                               "port 15692?)")
+
         self._backoff.check(display)
-        try:
-            self.requests += 1
-            resp = self._session.get(self.endpoint.metrics_url, timeout=self.timeout, verify=self._verify,
-                                     params={"vhost": vhost, "family": list(self.families())})
-        except requests.RequestException as exc:
-            self._backoff.failed(type(exc).__name__)
-            raise BrokerError(f"Prometheus endpoint {display} unreachable ({type(exc).__name__})") from None
-        if resp.status_code in (401, 403):
-            self._backoff.failed(f"HTTP {resp.status_code}")
-            raise BrokerAuthError(f"Prometheus endpoint {display}: HTTP {resp.status_code} for the configured user")
-        if resp.status_code >= 400:
-            self._backoff.failed(f"HTTP {resp.status_code}")
-            hint = " (is it the rabbitmq_prometheus listener, port 15692?)" if resp.status_code == 404 else ""
-            raise BrokerError(f"Prometheus endpoint {display}: HTTP {resp.status_code}{hint}")
+        self.requests += 1
+        resp = http_get(self._session, self._backoff, f"Prometheus endpoint {display}", self.endpoint.metrics_url,
+                        not_found=not_found, timeout=self.timeout, verify=self._verify,
+                        params={"vhost": vhost, "family": list(self.families())})
         try:
             return resp.text
         except Exception as exc:  # undecodable body: not what the plugin sends
