@@ -221,7 +221,11 @@ def test_replayed_plans_meet_their_slo_or_say_which_wait_they_hold(inputs: PlanI
     missed = [w for w in result.warnings if w.startswith("replayed surge")]
     if ours.max_seconds > slo:
         # A plan without caveats keeps its promise: only a flagged plan may miss, and the replay says by how much.
-        assert plan.warnings, f"a plan without warnings waited {ours.max_seconds:g}s for a {slo:g}s SLO"
+        # Below one message per poll at the peak the replay's fluid queue parts from the operator's view, which
+        # counts whole messages (through AMQP a 0.1-message surge is never seen): there the warning must do.
+        whole_messages = inputs.peak_rate * plan.poll_seconds >= 1
+        assert plan.warnings or not whole_messages, (
+            f"a plan without warnings waited {ours.max_seconds:g}s for a {slo:g}s SLO")
         (warning,) = missed
         assert f"about {ours.max_seconds:.0f}s" in warning and f"the {slo:g}s" in warning
     else:
