@@ -4,7 +4,7 @@ This module owns `emailqueue-operator plan`: given the peak and base send rates,
 one worker sustains, pod start-up time and an SLO (drain seconds or maximum message
 age), it recommends replicas min/max, the target and behavior settings, renders an
 EmailQueue manifest, and replays a synthetic surge with those settings in the simulator
-beside KEDA's default (QueueLength 20) and the ideal-reactive bound.
+beside KEDA's default (QueueLength 20) and the ideal-reactive reference policy.
 
 How each number is chosen (all pure arithmetic; see `recommend`):
 - min = ceil(1.2 × base / μ), at least 1: the base load with 20 % headroom, so ordinary
