@@ -51,7 +51,18 @@ class OperatorMetrics:
                                         registry=r)
 
     def forget(self, namespace: str, name: str) -> None:
-        """Drop an EmailQueue's series when the resource is deleted."""
+        """Drop every series of an EmailQueue when the resource is deleted (a deleted queue's
+        last values must not linger on dashboards or keep alerts firing)."""
+        for metric in (self.scale_actions, self.probe_errors):
+            for family in metric.collect():
+                for sample in family.samples:
+                    labels = sample.labels
+                    if labels.get("namespace") == namespace and labels.get("name") == name:
+                        extra = labels.get("direction", labels.get("reason"))
+                        try:
+                            metric.remove(namespace, name, extra)
+                        except KeyError:
+                            pass
         for metric in (self.arrival_rate, self.ack_rate, self.oldest_age, self.rate_per_replica,
                        self.replicas_current, self.replicas_ready, self.replicas_desired, self.replicas_min,
                        self.replicas_max, self.slo_seconds, self.probe_duration):
