@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 from . import conditions, kube
 from .metrics import OperatorMetrics
-from .rabbitmq import AmqpEndpoint, BrokerError, BrokerPool, ManagementEndpoint, QueueStats, TlsOptions
+from .rabbitmq import AmqpEndpoint, BrokerAuthError, BrokerError, BrokerPool, ManagementEndpoint, QueueStats, TlsOptions
 from .rates import counter_rate_window
 from .reconcile import Event, Facts, Failure, Plan, iso, plan
 from .scaling import PolicyState
@@ -185,6 +185,12 @@ def gather(body: Mapping[str, Any], ctx: Context, claims: Sequence[tuple[str, st
         stats: Any = probe(spec, namespace, ctx)
     except Exception as exc:
         stats = _failure(exc, "ProbeFailed")
+        if isinstance(exc, BrokerAuthError):
+            # A rotated Secret is read again at the next poll, not when its cache expires.
+            for ref in (spec.broker.amqp_secret_ref, spec.broker.management_secret_ref,
+                        spec.broker.prometheus_secret_ref):
+                if ref is not None:
+                    ctx.secrets.invalidate(namespace, ref.name)
     ctx.metrics.probe_duration.labels(namespace, name).observe(time.monotonic() - started)
     return Facts(spec=spec, target=target, stats=stats, hpas=hpas, **base)
 

@@ -526,46 +526,63 @@ class ManagementProbe:
 # --- the pool: one probe per endpoint ------------------------------------------------
 
 class BrokerPool:
-    """Hands out shared probes, one per endpoint; the operator has exactly one pool."""
+    """Hands out shared probes, one per endpoint; the operator has exactly one pool.
 
-    def __init__(self) -> None:
+    Endpoints include the credentials, so a rotated password makes a new probe; the old
+    one (and its connection) is closed once nothing has asked for it for
+    ``idle_seconds`` — as is the probe of a deleted EmailQueue's broker.
+    """
+
+    def __init__(self, idle_seconds: float = 300.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.idle_seconds = idle_seconds
+        self.clock = clock
         self._lock = threading.Lock()
-        self._amqp: dict[AmqpEndpoint, AmqpProbe] = {}
-        self._management: dict[ManagementEndpoint, ManagementProbe] = {}
-        self._prometheus: dict[Any, Any] = {}
+        self._probes: dict[str, dict[Any, Any]] = {"amqp": {}, "management": {}, "prometheus": {}}
+        self._used: dict[tuple[str, Any], float] = {}
+        self._swept_at = clock()
+
+    def _get(self, kind: str, endpoint: Any, factory: Callable[[Any], Any]) -> Any:
+        with self._lock:
+            now = self.clock()
+            table = self._probes[kind]
+            probe = table.get(endpoint)
+            if probe is None:
+                probe = table[endpoint] = factory(endpoint)
+            self._used[(kind, endpoint)] = now
+            if now - self._swept_at >= min(60.0, self.idle_seconds):
+                self._sweep(now)
+            return probe
+
+    def _sweep(self, now: float) -> None:
+        """Close the probes nobody asked for within ``idle_seconds`` (called with the lock)."""
+        self._swept_at = now
+        for (kind, endpoint), used in list(self._used.items()):
+            if now - used >= self.idle_seconds:
+                probe = self._probes[kind].pop(endpoint, None)
+                del self._used[(kind, endpoint)]
+                if probe is not None:
+                    probe.close()
 
     def amqp(self, endpoint: AmqpEndpoint) -> AmqpProbe:
-        with self._lock:
-            probe = self._amqp.get(endpoint)
-            if probe is None:
-                probe = self._amqp[endpoint] = AmqpProbe(endpoint)
-            return probe
+        return self._get("amqp", endpoint, AmqpProbe)
 
     def management(self, endpoint: ManagementEndpoint) -> ManagementProbe:
-        with self._lock:
-            probe = self._management.get(endpoint)
-            if probe is None:
-                probe = self._management[endpoint] = ManagementProbe(endpoint)
-            return probe
+        return self._get("management", endpoint, ManagementProbe)
 
     def prometheus(self, endpoint: Any) -> Any:
         """The shared probe of one Prometheus plugin endpoint (rabbitmq_prometheus)."""
         from .rabbitmq_prometheus import PrometheusProbe  # it builds on this module
 
-        with self._lock:
-            probe = self._prometheus.get(endpoint)
-            if probe is None:
-                probe = self._prometheus[endpoint] = PrometheusProbe(endpoint)
-            return probe
+        return self._get("prometheus", endpoint, PrometheusProbe)
 
     def open_connections(self) -> int:
         with self._lock:
-            return sum(1 for probe in self._amqp.values() if probe.connected)
+            return sum(1 for probe in self._probes["amqp"].values() if probe.connected)
 
     def close(self) -> None:
         with self._lock:
-            for probe in [*self._amqp.values(), *self._management.values(), *self._prometheus.values()]:
-                probe.close()
-            self._amqp.clear()
-            self._management.clear()
-            self._prometheus.clear()
+            for table in self._probes.values():
+                for probe in table.values():
+                    probe.close()
+                table.clear()
+            self._used.clear()

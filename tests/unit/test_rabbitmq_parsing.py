@@ -201,3 +201,27 @@ def test_management_url_path_prefix_and_vhost_quoting():
     probe, api = _management([_queue("q", 1, 0)], url="http://rabbit:15672/rabbitmq/")
     probe.queue_stats("/", queue="q")
     assert api.paths[-1] == "/rabbitmq/api/queues/%2F"
+
+
+class _FakeProbe:
+    def __init__(self, endpoint):
+        self.endpoint, self.closed = endpoint, False
+
+    def close(self):
+        self.closed = True
+
+
+def test_pool_closes_probes_nobody_asks_for_any_more():
+    """A rotated password is a new endpoint: the old probe (and its socket) goes once idle."""
+    from emailqueue_operator import rabbitmq
+
+    now = [0.0]
+    pool = rabbitmq.BrokerPool(idle_seconds=300.0, clock=lambda: now[0])
+    old = pool._get("amqp", AmqpEndpoint("h", 5672, "/", "u", "old-pw"), _FakeProbe)
+    for _ in range(10):  # polls with the new password only
+        now[0] += 60.0
+        new = pool._get("amqp", AmqpEndpoint("h", 5672, "/", "u", "new-pw"), _FakeProbe)
+    assert old.closed and not new.closed
+    assert pool._get("amqp", AmqpEndpoint("h", 5672, "/", "u", "new-pw"), _FakeProbe) is new
+    pool.close()
+    assert new.closed

@@ -152,6 +152,10 @@ def test_unapplied_state_has_no_phantom_scale_event():
 class Secrets:
     def __init__(self, error: BaseException | None = None) -> None:
         self.error = error
+        self.invalidated: list[tuple[str, str]] = []
+
+    def invalidate(self, namespace: str, name: str) -> None:
+        self.invalidated.append((namespace, name))
 
     def read(self, namespace: str, name: str) -> dict[str, str]:
         if self.error:
@@ -336,3 +340,14 @@ def test_a_kube_api_timeout_reading_the_broker_secret_engages_the_fallback(monke
     assert scaled == [6] and result.status["consecutiveFailures"] == 3
     metrics = next(c for c in result.status["conditions"] if c["type"] == "MetricsAvailable")
     assert metrics["status"] == "False" and "ReadTimeoutError" in metrics["message"]
+
+
+def test_a_refused_password_rereads_the_secret_at_the_next_poll():
+    from emailqueue_operator.rabbitmq import BrokerAuthError
+
+    secrets = Secrets()
+    poller.gather(body(), context(result=BrokerAuthError("broker rabbit:5672//: authentication failed"),
+                                  secrets=secrets))
+    assert secrets.invalidated == [("ns", "rabbit")]
+    poller.gather(body(), context(result=BrokerError("down"), secrets=(other := Secrets())))
+    assert other.invalidated == []  # an outage is no reason to hammer the API for Secrets
