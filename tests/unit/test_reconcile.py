@@ -2,7 +2,6 @@
 remembers only the scales that happened."""
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import pika.exceptions
