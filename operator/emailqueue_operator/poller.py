@@ -14,6 +14,7 @@ the schedule, the status write and the event posting.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -130,6 +131,8 @@ def probe(spec: EmailQueueSpec, namespace: str, ctx: Context) -> QueueStats:
             window_seconds=counter_rate_window(spec.behavior.poll_seconds))
     if source == "management":
         mgmt = management_endpoint(spec, namespace, ctx.secrets, amqp)
+        if mgmt is None:
+            raise BrokerError("spec.broker.metricsSource management needs spec.broker.managementSecretRef")
         return ctx.pool.management(mgmt).queue_stats(amqp.vhost, queue=broker.queue, queue_regex=broker.queue_regex,
                                                      how=broker.aggregate)
     if broker.queue_regex:
@@ -159,22 +162,22 @@ def gather(body: Mapping[str, Any], ctx: Context, claims: Sequence[tuple[str, st
     """Read the world for one poll. Never raises."""
     meta = body.get("metadata") or {}
     namespace, name = meta.get("namespace", ""), meta.get("name", "")
-    base = {"generation": meta.get("generation"), "annotations": meta.get("annotations") or {},
-            "previous_conditions": list((body.get("status") or {}).get("conditions") or [])}
+    facts = functools.partial(Facts, generation=meta.get("generation"), annotations=meta.get("annotations") or {},
+                              previous_conditions=list((body.get("status") or {}).get("conditions") or []))
     try:
         spec = parse_spec(body.get("spec") or {})
     except SpecError as exc:
-        return Facts(spec=Failure("InvalidSpec", str(exc)), **base)
+        return facts(spec=Failure("InvalidSpec", str(exc)))
     except Exception as exc:  # a spec the parser did not foresee is still only a bad spec
-        return Facts(spec=_failure(exc, "InvalidSpec"), **base)
+        return facts(spec=_failure(exc, "InvalidSpec"))
     ref = spec.scale_target
     try:
         target: Any = ctx.targets.read(namespace, ref.kind, ref.name)
     except Exception as exc:
-        return Facts(spec=spec, target=_failure(exc, "TargetUnreadable"), **base)
+        return facts(spec=spec, target=_failure(exc, "TargetUnreadable"))
     owner = claimant(claims, name)
     if owner is not None:
-        return Facts(spec=spec, target=target, claimed_by=owner, **base)
+        return facts(spec=spec, target=target, claimed_by=owner)
     try:
         hpas = tuple(kube.conflicting_hpas(namespace, ref.kind, ref.name))
     except Exception as exc:  # unknown HPAs must not stop scaling; the failure is logged
@@ -187,12 +190,12 @@ def gather(body: Mapping[str, Any], ctx: Context, claims: Sequence[tuple[str, st
         stats = _failure(exc, "ProbeFailed")
         if isinstance(exc, BrokerAuthError):
             # A rotated Secret is read again at the next poll, not when its cache expires.
-            for ref in (spec.broker.amqp_secret_ref, spec.broker.management_secret_ref,
-                        spec.broker.prometheus_secret_ref):
-                if ref is not None:
-                    ctx.secrets.invalidate(namespace, ref.name)
+            for secret in (spec.broker.amqp_secret_ref, spec.broker.management_secret_ref,
+                           spec.broker.prometheus_secret_ref):
+                if secret is not None:
+                    ctx.secrets.invalidate(namespace, secret.name)
     ctx.metrics.probe_duration.labels(namespace, name).observe(time.monotonic() - started)
-    return Facts(spec=spec, target=target, stats=stats, hpas=hpas, **base)
+    return facts(spec=spec, target=target, stats=stats, hpas=hpas)
 
 
 # --- act: patch /scale, keep the scale only if it happened -----------------------------------

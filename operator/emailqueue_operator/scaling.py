@@ -773,13 +773,13 @@ def _keep_up(spec: EmailQueueSpec, obs: Observation, state: PolicyState, rates: 
     if state.short_replicas is not None and current <= state.short_replicas:
         memory.update(short_replicas=None, short_at=None, short_hold=None)  # demand fell below the short count
     probe = min(current - 1, math.floor(current * (1.0 - step)))
-    short = memory["short_replicas"] if short_active else None
-    if short is not None:
-        probe = max(probe, short + 1)
+    fell_short = memory["short_replicas"] if short_active else None
+    if fell_short is not None:
+        probe = max(probe, fell_short + 1)
     probe = max(probe, spec.replicas.min, 0)
     if probe >= current:
-        return _KeepUp(float(current), f"queue empty (no rate source); {short} replicas fell behind recently: holding",
-                       memory)
+        return _KeepUp(float(current),
+                       f"queue empty (no rate source); {fell_short} replicas fell behind recently: holding", memory)
     return _KeepUp(float(probe), f"queue empty for {now - since:.0f}s (no rate source): giving back capacity step by step",
                    memory)
 
