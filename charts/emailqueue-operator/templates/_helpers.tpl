@@ -6,7 +6,7 @@
 {{/*
 Fully qualified app name: the release name alone when it already contains the chart name
 (so `helm install emailqueue-operator` gives `emailqueue-operator`, not a doubled name).
-The EmailQueueOperatorDown alert matches job=~".*emailqueue-operator.*": keep the chart name in it.
+Monitoring does not depend on it: the operator ServiceMonitor takes the job from app.kubernetes.io/name.
 */}}
 {{- define "emailqueue-operator.fullname" -}}
 {{- if .Values.fullnameOverride }}
