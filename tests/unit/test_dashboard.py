@@ -137,3 +137,37 @@ def test_panels_have_unique_ids_and_use_the_datasource_variable() -> None:
 def test_chart_ships_the_same_dashboard(path: Path) -> None:
     assert path.read_bytes() == DASHBOARD.read_bytes(), \
         f"{path} differs from {DASHBOARD}: run `python deploy/monitoring/sync.py`"
+
+
+def test_provisioned_dashboard_is_not_editable() -> None:
+    """It ships in a ConfigMap: edits made in Grafana would be lost on the next sync."""
+    assert load_dashboard()["editable"] is False
+
+
+def test_rates_use_the_rate_interval() -> None:
+    """A fixed `[5m]` breaks at scrape intervals above 75s and hides detail when zoomed in."""
+    fixed = [(where, expr) for where, expr in _queries(load_dashboard())
+             if re.search(r"\b(rate|irate|increase)\s*\([^\[]*\[(?!\$__rate_interval\])", expr)]
+    assert not fixed, f"rate()/increase() without [$__rate_interval]: {fixed}"
+
+
+def test_job_and_instance_variables_filter_the_worker_panels() -> None:
+    """Mixin convention: `job` and `instance` variables, used by every worker series query."""
+    dashboard = load_dashboard()
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert {"job", "instance"} <= variables.keys()
+    assert "$job" in variables["instance"]["definition"], "instance must follow the selected job"
+    worker_queries = [(where, expr) for where, expr in _queries(dashboard["panels"])
+                      if "emailworker_" in expr]
+    assert worker_queries
+    for where, expr in worker_queries:
+        for selector in re.findall(r"emailworker_\w+\{([^}]*)\}", expr):
+            assert 'job=~"$job"' in selector and 'instance=~"$instance"' in selector, (where, expr)
+
+
+def test_operator_up_matches_the_servicemonitor_job_exactly() -> None:
+    """The ServiceMonitor's jobLabel makes the operator's job "emailqueue-operator" for every release."""
+    up_queries = [expr for _, expr in _queries(load_dashboard()) if re.search(r"\bup\{", expr)]
+    assert up_queries
+    for expr in up_queries:
+        assert 'up{job="emailqueue-operator"' in expr, expr
