@@ -9,6 +9,7 @@ PrometheusRule and the chart ship exactly the rules file.
 """
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -113,3 +114,12 @@ def test_prometheusrule_carries_the_rules_file() -> None:
     assert rule["kind"] == "PrometheusRule"
     assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text(encoding="utf-8"))["groups"], \
         "deploy/monitoring/prometheusrule.yaml is stale: run `python deploy/monitoring/sync.py`"
+
+
+def test_alert_texts_and_runbook_take_names_from_labels() -> None:
+    """Summaries and runbook commands must fit every install (kustomize and any Helm release)."""
+    texts = [json.dumps(alert["annotations"]) for alert in _alerts()] + [RUNBOOK.read_text(encoding="utf-8")]
+    for text in texts:
+        assert "deploy/email-worker" not in text and "-n emailqueue-system" not in text, text[:200]
+    # a pod's variables must reach the pod unexpanded: never inside double quotes on the local shell
+    assert not re.search(r'exec [^`]*"[^"`]*\$SMTP_', RUNBOOK.read_text(encoding="utf-8"))
