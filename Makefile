@@ -77,6 +77,7 @@ lint: venv testbed-bins ## helm lint --strict, promtool check/test rules, static
 .PHONY: manifests
 manifests: venv ## regenerate the PrometheusRule and the chart's copies of the CRD, rules and dashboard
 	$(PY) deploy/monitoring/sync.py
+	$(PY) charts/emailqueue-operator/readme.py
 
 .PHONY: images
 images: ## docker build both images (needs a Docker engine)
