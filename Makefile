@@ -75,7 +75,7 @@ lint: venv testbed-bins ## helm lint --strict, promtool check/test rules, static
 
 ##@ Ship
 .PHONY: manifests
-manifests: venv ## regenerate the PrometheusRule and the chart's copies of the CRD, rules and dashboard
+manifests: venv ## regenerate the PrometheusRule, the chart's copies of the CRD, rules and dashboard, and the chart README
 	$(PY) deploy/monitoring/sync.py
 	$(PY) charts/emailqueue-operator/readme.py
 
