@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import pika
 import pika.exceptions
 import requests
+import requests.adapters
 
 AMQP_DEFAULT_PORT = 5672
 AMQPS_DEFAULT_PORT = 5671
@@ -279,6 +280,27 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+class TlsAdapter(requests.adapters.HTTPAdapter):
+    """HTTPS per TlsOptions: the CA given as PEM (not a file), an SNI/verification name."""
+
+    def __init__(self, tls: TlsOptions) -> None:
+        self._tls = tls
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs) -> None:  # type: ignore[override]
+        kwargs["ssl_context"] = self._tls.context()
+        if self._tls.server_name:
+            kwargs["server_hostname"] = self._tls.server_name
+        super().init_poolmanager(*args, **kwargs)
+
+    def cert_verify(self, conn, url, verify, cert) -> None:  # type: ignore[override]
+        super().cert_verify(conn, url, verify, cert)
+        if self._tls.ca_pem and not self._tls.insecure_skip_verify:
+            # Trust exactly the CA given, not also the bundle requests would load into the context.
+            conn.ca_certs = conn.ca_cert_dir = None
+
+
+
 def http_get(session: requests.Session, backoff: "_Backoff", what: str, url: str, *,
              not_found: Callable[[], BrokerError] | None = None, **kwargs: Any) -> requests.Response:
     """GET for a probe of an HTTP endpoint (`what` names it in errors, never with credentials).
@@ -436,8 +458,10 @@ class ManagementProbe:
         self.clock, self.wall = clock, wall
         self._session = requests.Session()
         self._session.auth = (endpoint.username, endpoint.password)
-        if endpoint.tls.enabled and endpoint.tls.insecure_skip_verify:
-            self._session.verify = False
+        if endpoint.tls.enabled:
+            self._session.mount("https://", TlsAdapter(endpoint.tls))
+        # Passed with each request: a Session-level verify=False loses to REQUESTS_CA_BUNDLE.
+        self._verify = not (endpoint.tls.enabled and endpoint.tls.insecure_skip_verify)
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[float, list[dict[str, Any]], bool]] = {}
         self._collector: tuple[float, bool] | None = None
@@ -452,7 +476,7 @@ class ManagementProbe:
         self.requests += 1
         resp = http_get(self._session, self._backoff, f"management API {self.endpoint.display}", url,
                         not_found=lambda: QueueNotFound(f"vhost {vhost!r} not found on {self.endpoint.display}"),
-                        params=dict(params), timeout=self.timeout)
+                        params=dict(params), timeout=self.timeout, verify=self._verify)
         try:
             queues = resp.json()
         except ValueError:
@@ -476,7 +500,8 @@ class ManagementProbe:
         try:
             self.requests += 1
             resp = self._session.get(f"{self.endpoint.url.rstrip('/')}/api/overview",
-                                     params={"columns": "disable_stats,rabbitmq_version"}, timeout=self.timeout)
+                                     params={"columns": "disable_stats,rabbitmq_version"}, timeout=self.timeout,
+                                     verify=self._verify)
             overview = resp.json() if resp.status_code == 200 else {}
         except (requests.RequestException, ValueError):
             overview = {}  # the queue listing that follows reports the failure

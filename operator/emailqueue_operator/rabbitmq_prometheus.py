@@ -47,7 +47,7 @@ import requests.adapters
 from prometheus_client.parser import text_string_to_metric_families
 
 from .rabbitmq import (BrokerError, QueueNotFound, QueueStats, TlsOptions, _Backoff, aggregate,
-                       combine_count, combine_counts, http_get, select_queues)
+                       TlsAdapter, combine_count, combine_counts, http_get, select_queues)
 from .rates import counter_rate
 
 PROMETHEUS_DEFAULT_PORT = 15692
@@ -336,26 +336,6 @@ def stats_from_scrape(scrape: Scrape, accumulator: CounterAccumulator, vhost: st
 
 # --- I/O: the shared probe of one endpoint -------------------------------------------
 
-class _TlsAdapter(requests.adapters.HTTPAdapter):
-    """HTTPS per TlsOptions: the CA given as PEM (not a file), an SNI/verification name."""
-
-    def __init__(self, tls: TlsOptions) -> None:
-        self._tls = tls
-        super().__init__()
-
-    def init_poolmanager(self, *args, **kwargs) -> None:  # type: ignore[override]
-        kwargs["ssl_context"] = self._tls.context()
-        if self._tls.server_name:
-            kwargs["server_hostname"] = self._tls.server_name
-        super().init_poolmanager(*args, **kwargs)
-
-    def cert_verify(self, conn, url, verify, cert) -> None:  # type: ignore[override]
-        super().cert_verify(conn, url, verify, cert)
-        if self._tls.ca_pem and not self._tls.insecure_skip_verify:
-            # Trust exactly the CA given, not also the bundle requests would load into the context.
-            conn.ca_certs = conn.ca_cert_dir = None
-
-
 @dataclass
 class _Scope:
     """One vhost of one endpoint: its fetch lock, last scrape and counter history."""
@@ -387,7 +367,7 @@ class PrometheusProbe:
         if endpoint.username is not None:
             self._session.auth = (endpoint.username, endpoint.password or "")
         if endpoint.tls.enabled:
-            self._session.mount("https://", _TlsAdapter(endpoint.tls))
+            self._session.mount("https://", TlsAdapter(endpoint.tls))
         # Passed with each request: a Session-level verify=False loses to REQUESTS_CA_BUNDLE.
         self._verify = not (endpoint.tls.enabled and endpoint.tls.insecure_skip_verify)
         self._lock = threading.Lock()

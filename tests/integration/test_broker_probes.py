@@ -8,7 +8,7 @@ import pika
 import pytest
 
 from emailqueue_operator.rabbitmq import (AmqpEndpoint, BrokerAuthError, BrokerError, BrokerPool, ManagementEndpoint,
-                                          MetricsUnavailable, QueueNotFound)
+                                          MetricsUnavailable, QueueNotFound, TlsOptions)
 
 pytestmark = pytest.mark.integration
 
@@ -124,3 +124,62 @@ def test_management_listing_is_shared_by_many_resources(rabbitmq, vhost):
     for _ in range(100):
         pool.management(ManagementEndpoint(rabbitmq.mgmt_url, user, password)).queue_stats(name, queue="emails")
     assert probe.requests - before <= 2  # one listing per cache interval, not one per resource
+
+
+@pytest.fixture
+def https_management(tmp_path):
+    """A loopback HTTPS management API (self-signed certificate for rabbit.internal) answering
+    /api/overview and /api/queues/VHOST; yields (url, ca_pem)."""
+    import http.server
+    import json
+    import ssl
+    import subprocess
+    import threading
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=rabbit.internal", "-addext", "subjectAltName=DNS:rabbit.internal"],
+                   check=True, capture_output=True)
+    queues = [{"name": "emails", "state": "running", "messages_ready": 7, "messages_unacknowledged": 1, "consumers": 2}]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"disable_stats": False} if self.path.startswith("/api/overview") else queues).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"https://127.0.0.1:{server.server_port}", cert.read_text()
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(("tls", "works"), [
+    (lambda ca: TlsOptions(True, ca, "rabbit.internal"), True),   # the CA and the certificate's name
+    (lambda ca: TlsOptions(True), False),                          # the system bundle does not trust it
+    (lambda ca: TlsOptions(True, insecure_skip_verify=True), True),  # wins over REQUESTS_CA_BUNDLE
+])
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+def test_management_tls_options(https_management, tls, works, monkeypatch):
+    import certifi
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certifi.where())
+    url, ca = https_management
+    probe = ManagementEndpoint(url, "operator", "s3cr3t-pw", tls(ca))
+    pool = BrokerPool()
+    if works:
+        assert pool.management(probe).queue_stats("/", queue="emails").ready == 7
+    else:
+        with pytest.raises(BrokerError, match=r"unreachable \(SSLError\)") as exc:
+            pool.management(probe).queue_stats("/", queue="emails")
+        assert "s3cr3t-pw" not in str(exc.value)
+    pool.close()
