@@ -128,39 +128,15 @@ def test_management_listing_is_shared_by_many_resources(rabbitmq, vhost):
 
 @pytest.fixture
 def https_management(tmp_path):
-    """A loopback HTTPS management API (self-signed certificate for rabbit.internal) answering
-    /api/overview and /api/queues/VHOST; yields (url, ca_pem)."""
-    import http.server
+    """A loopback HTTPS management API answering /api/overview and /api/queues/VHOST."""
     import json
-    import ssl
-    import subprocess
-    import threading
 
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=rabbit.internal", "-addext", "subjectAltName=DNS:rabbit.internal"],
-                   check=True, capture_output=True)
+    from .support import https_server
+
     queues = [{"name": "emails", "state": "running", "messages_ready": 7, "messages_unacknowledged": 1, "consumers": 2}]
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = json.dumps({"disable_stats": False} if self.path.startswith("/api/overview") else queues).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"https://127.0.0.1:{server.server_port}", cert.read_text()
-    server.shutdown()
-    server.server_close()
+    with https_server(tmp_path, "application/json", lambda path: json.dumps(
+            {"disable_stats": False} if path.startswith("/api/overview") else queues).encode()) as served:
+        yield served
 
 
 @pytest.mark.parametrize(("tls", "works"), [

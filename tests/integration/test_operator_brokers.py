@@ -14,7 +14,7 @@ import pika
 import pytest
 import yaml
 
-from .support import amqp_secret, emailqueue, get_json, wait_for, worker_deployment
+from .support import amqp_secret, emailqueue, get_json, publish_steadily, wait_for, worker_deployment
 
 pytestmark = pytest.mark.integration
 
@@ -81,20 +81,6 @@ class Watch:
         self.thread.join(5)
 
 
-def _publish_steadily(url: str, rate: float, seconds: float) -> int:
-    sent = 0
-    with pika.BlockingConnection(pika.URLParameters(url)) as conn:
-        ch = conn.channel()
-        started = time.monotonic()
-        while time.monotonic() - started < seconds:
-            due = int((time.monotonic() - started) * rate)
-            while sent < due:
-                ch.basic_publish("", QUEUE, b"{}", pika.BasicProperties(delivery_mode=2))
-                sent += 1
-            conn.sleep(0.05)
-    return sent
-
-
 def test_prometheus_source_scales_up_and_down_on_every_broker(kube_env, namespace, broker_vhost, start_operator):
     broker, _, url = broker_vhost
     # messageRate (KEDA MessageRate parity): 20 emails/s at 5 per replica → 4 replicas.
@@ -103,7 +89,7 @@ def test_prometheus_source_scales_up_and_down_on_every_broker(kube_env, namespac
     wait_for(lambda: _cond(_status(kube_env, namespace), "Ready").get("status") == "True", 40, "a first poll")
     watch = Watch(kube_env, namespace)
     try:
-        publisher = threading.Thread(target=_publish_steadily, args=(url, 20.0, 25.0), daemon=True)
+        publisher = threading.Thread(target=publish_steadily, args=(url, QUEUE, 20.0, 25.0), daemon=True)
         publisher.start()
         wait_for(lambda: _replicas(kube_env, namespace) == 4, 40, "4 replicas for 20 emails/s")
         # Rates come from the counters once two scrapes span half the window (10 s here).

@@ -4,29 +4,14 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 
 import pika
 import pytest
 import yaml
 
-from .support import amqp_secret, emailqueue, get_json, wait_for, worker_deployment
+from .support import amqp_secret, emailqueue, get_json, publish_steadily, wait_for, worker_deployment
 
 pytestmark = pytest.mark.integration
-
-
-def _publish_steadily(url: str, queue: str, rate: float, seconds: float, stop: threading.Event) -> int:
-    sent = 0
-    with pika.BlockingConnection(pika.URLParameters(url)) as conn:
-        ch = conn.channel()
-        started = time.monotonic()
-        while not stop.is_set() and time.monotonic() - started < seconds:
-            due = int((time.monotonic() - started) * rate)
-            while sent < due:
-                ch.basic_publish("", queue, b"{}", pika.BasicProperties(delivery_mode=2))
-                sent += 1
-            conn.sleep(0.05)
-    return sent
 
 
 def test_surge_is_met_from_the_arrival_rate(kube_env, namespace, vhost, rabbitmq, start_operator):
@@ -53,7 +38,7 @@ def test_surge_is_met_from_the_arrival_rate(kube_env, namespace, vhost, rabbitmq
              30, "a first decision")
 
     stop = threading.Event()
-    publisher = threading.Thread(target=_publish_steadily, args=(vhost, "emails", 40.0, 40.0, stop), daemon=True)
+    publisher = threading.Thread(target=publish_steadily, args=(vhost, "emails", 40.0, 40.0, stop), daemon=True)
     publisher.start()
     try:
         def scaled_status():

@@ -3,12 +3,8 @@
 the pace a consumer really acks at, one scrape shared by many polls, TLS, failures."""
 from __future__ import annotations
 
-import http.server
 import shutil
-import ssl
 import statistics
-import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -17,6 +13,8 @@ import pytest
 
 from emailqueue_operator.rabbitmq import BrokerError, QueueNotFound, TlsOptions
 from emailqueue_operator.rabbitmq_prometheus import PrometheusEndpoint, PrometheusProbe
+
+from .support import https_server
 
 pytestmark = pytest.mark.integration
 
@@ -146,30 +144,9 @@ def https_metrics(tmp_path):
     certificate for rabbit.internal; yields (url, ca_pem)."""
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=rabbit.internal", "-addext", "subjectAltName=DNS:rabbit.internal"],
-                   check=True, capture_output=True)
     body = CAPTURE.read_bytes()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"https://127.0.0.1:{server.server_port}", cert.read_text()
-    server.shutdown()
-    server.server_close()
+    with https_server(tmp_path, "text/plain; version=0.0.4", lambda path: body) as served:
+        yield served
 
 
 @pytest.mark.parametrize(("tls", "works"), [
