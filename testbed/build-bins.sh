@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Builds the test bed's binaries from pinned Go modules into a cache keyed by
 # version: kube-apiserver and kubectl (k8s.io/kubernetes), etcd
-# (go.etcd.io/etcd/server/v3), helm and promtool. A binary already in the cache
+# (go.etcd.io/etcd/server/v3), helm, promtool and the prometheus server. A binary already in the cache
 # is never rebuilt, so a warm run builds nothing.
 #
-# Usage: testbed/build-bins.sh [all|kube|etcd|helm|promtool]...
+# Usage: testbed/build-bins.sh [all|kube|etcd|helm|promtool|prometheus]...
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -123,15 +123,32 @@ build_promtool() {
   install_bin promtool "$v" promtool.new
 }
 
+# The Prometheus server of the test bed (alerts and dashboard queries evaluated live), from the
+# same module as promtool. `remove_all_sd` leaves the static and file service discovery (all the
+# test bed uses) and drops the cloud SDKs; the web UI's assets are not embedded (the API is).
+build_prometheus() {
+  local v=$PROMETHEUS_VERSION
+  have prometheus "$v" && return
+  local dir="$SRC/prometheus-$v"
+  mkdir -p "$dir" && cd "$dir"
+  log "prometheus server (prometheus module $v)"
+  [ -f go.mod ] || printf 'module emailqueue.dev/testbed/prometheus\n\ngo 1.26\n' >go.mod
+  go get "github.com/prometheus/prometheus/cmd/prometheus@$v"
+  go build -trimpath -tags remove_all_sd -ldflags "-s -w -X github.com/prometheus/common/version.Version=$v" \
+    -o prometheus.new github.com/prometheus/prometheus/cmd/prometheus
+  install_bin prometheus "$v" prometheus.new
+}
+
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=(all)
 for t in "${targets[@]}"; do
   case $t in
-    all) build_etcd; build_kube; build_helm; build_promtool ;;
+    all) build_etcd; build_kube; build_helm; build_promtool; build_prometheus ;;
     kube) build_kube ;;
     etcd) build_etcd ;;
     helm) build_helm ;;
     promtool) build_promtool ;;
+    prometheus) build_prometheus ;;
     *) echo "unknown target: $t" >&2; exit 2 ;;
   esac
 done

@@ -12,7 +12,7 @@ from . import kube, rabbit, smtp_proc, state
 COMPONENTS = ("kube", "rabbitmq", "smtp")
 _UP = {"kube": kube.up, "rabbitmq": rabbit.up, "smtp": smtp_proc.up}
 _DOWN = {"kube": kube.down, "rabbitmq": rabbit.down, "smtp": smtp_proc.down}
-TOOLS = ("kubectl", "helm", "promtool", "kube-apiserver", "etcd")
+TOOLS = ("kubectl", "helm", "promtool", "prometheus", "kube-apiserver", "etcd")
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class Env:
     smtp_port: int | None
     smtp_control_port: int | None
     bin_dir: str
+    rabbitmq_prometheus_url: str | None = None
 
     def exports(self) -> dict[str, str]:
         pairs = {
@@ -35,7 +36,7 @@ class Env:
             "RABBITMQ_MGMT_URL": self.rabbitmq_mgmt_url, "RABBITMQ_USER": self.rabbitmq_user,
             "RABBITMQ_PASSWORD": self.rabbitmq_password, "SMTP_HOST": self.smtp_host,
             "SMTP_PORT": self.smtp_port, "SMTP_CONTROL_PORT": self.smtp_control_port,
-            "TESTBED_BIN": self.bin_dir,
+            "TESTBED_BIN": self.bin_dir, "RABBITMQ_PROMETHEUS_URL": self.rabbitmq_prometheus_url,
         }
         return {key: str(value) for key, value in pairs.items() if value is not None}
 
@@ -85,7 +86,9 @@ def current() -> Env | None:
         rabbitmq_user=rmq.facts["user"] if rmq else None,
         rabbitmq_password=rmq.facts["password"] if rmq else None,
         smtp_host="127.0.0.1" if smtp else None, smtp_port=smtp.facts["port"] if smtp else None,
-        smtp_control_port=smtp.facts["control_port"] if smtp else None, bin_dir=str(state.STATE_DIR / "bin"))
+        smtp_control_port=smtp.facts["control_port"] if smtp else None, bin_dir=str(state.STATE_DIR / "bin"),
+        rabbitmq_prometheus_url=f"http://127.0.0.1:{rmq.facts['prom_port']}" if rmq and "prom_port" in rmq.facts
+        else None)
 
 
 def write_env() -> Env | None:

@@ -7,6 +7,7 @@ benchmarks in other processes can read messages and inject faults:
     GET  /messages        every recorded message (mail_from, rcpt_tos, data, message_id)
     GET  /count           {"count": N}
     POST /clear           forget messages, faults and delay
+    POST /faults/clear    end every fault (messages are kept)
     POST /fault           {"code": 451, "message": "...", "count": N, "seconds": S, "recipients": [...]}
     POST /delay           {"seconds": S}   (delay before answering DATA)
 """
@@ -115,6 +116,8 @@ def _control_handler(recorder: Recorder):
                     recorder.count = 0
                     recorder.faults.clear()
                     recorder.delay = 0.0
+                elif self.path == "/faults/clear":
+                    recorder.faults.clear()
                 elif self.path == "/fault":
                     recipients = body.get("recipients")
                     recorder.faults.append(Fault(
@@ -169,6 +172,10 @@ class SmtpControl:
                   seconds: float | None = None, recipients: list[str] | None = None) -> None:
         self._call("POST", "/fault", {"code": code, "message": message, "count": count, "seconds": seconds,
                                       "recipients": recipients})
+
+    def clear_faults(self) -> None:
+        """End every injected fault; recorded messages stay."""
+        self._call("POST", "/faults/clear", {})
 
     def set_delay(self, seconds: float) -> None:
         self._call("POST", "/delay", {"seconds": seconds})

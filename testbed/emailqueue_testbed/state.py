@@ -37,10 +37,11 @@ def versions() -> dict[str, str]:
 
 
 def binary(name: str) -> Path:
-    """Path of a cached test bed binary (kube-apiserver, kubectl, etcd, helm, promtool)."""
+    """Path of a cached test bed binary (kube-apiserver, kubectl, etcd, helm, promtool, prometheus)."""
     pins = versions()
     key = {"kube-apiserver": "KUBERNETES_VERSION", "kubectl": "KUBERNETES_VERSION",
-           "etcd": "ETCD_VERSION", "helm": "HELM_VERSION", "promtool": "PROMETHEUS_VERSION"}[name]
+           "etcd": "ETCD_VERSION", "helm": "HELM_VERSION", "promtool": "PROMETHEUS_VERSION",
+           "prometheus": "PROMETHEUS_VERSION"}[name]
     path = CACHE_DIR / "bin" / f"{name}-{pins[key]}"
     if not path.exists():
         raise TestbedError(f"{path} is not built: run `make testbed-bins` (testbed/build-bins.sh)")
