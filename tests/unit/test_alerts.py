@@ -123,3 +123,41 @@ def test_alert_texts_and_runbook_take_names_from_labels() -> None:
         assert "deploy/email-worker" not in text and "-n emailqueue-system" not in text, text[:200]
     # a pod's variables must reach the pod unexpanded: never inside double quotes on the local shell
     assert not re.search(r'exec [^`]*"[^"`]*\$SMTP_', RUNBOOK.read_text(encoding="utf-8"))
+
+
+# pint (cloudflare/pint) is not served by the module proxy here, so the checks of it that apply
+# to these rules run as tests; its alerts/template check (annotations naming labels the
+# expression drops) runs on the live rendering in tests/e2e/test_closed_loop.py.
+SCRAPE_INTERVAL_SECONDS = 30  # the ServiceMonitors' interval (deploy/monitoring, the chart)
+_RANGE = re.compile(r"\[(\d+)([smhd])(?::\d+[smhd])?\]")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@pytest.mark.parametrize("rule", _rules(), ids=lambda r: r.get("alert") or r.get("record"))
+def test_rate_windows_cover_four_scrapes(rule: dict[str, Any]) -> None:
+    """pint promql/rate: a window shorter than two scrapes gives no rate at all; four (Grafana's
+    $__rate_interval) survives one missed scrape."""
+    for number, unit in _RANGE.findall(str(rule["expr"])):
+        assert int(number) * _UNIT[unit] >= 4 * SCRAPE_INTERVAL_SECONDS, (rule.get("alert"), number + unit)
+
+
+@pytest.mark.parametrize("rule", _rules(), ids=lambda r: r.get("alert") or r.get("record"))
+def test_regex_matchers_are_regexes(rule: dict[str, Any]) -> None:
+    """pint promql/regexp: `=~"literal"` is an exact match written slowly (and anchored anyway)."""
+    for value in re.findall(r'=~\s*"([^"]*)"', str(rule["expr"])):
+        assert re.search(r"[.*+?|()\[\]{}^$\\]", value), (rule.get("alert"), value)
+
+
+@pytest.mark.parametrize("rule", _alerts(), ids=lambda r: r["alert"])
+def test_alert_expression_has_a_condition(rule: dict[str, Any]) -> None:
+    """pint alerts/comparison: without a comparison (or absent()) an alert fires for every series."""
+    expr = re.sub(r"\{[^}]*\}", "", str(rule["expr"]))  # matchers' = and != are not comparisons
+    assert re.search(r"(==|!=|>=|<=|>|<|\babsent\()", expr), rule["alert"]
+
+
+@pytest.mark.parametrize("rule", _alerts(), ids=lambda r: r["alert"])
+def test_alert_for_spans_several_evaluations(rule: dict[str, Any]) -> None:
+    """pint alerts/for: `for` at least two rule evaluations (1 m, Prometheus' default), so one
+    odd sample does not page."""
+    number, unit = re.fullmatch(r"(\d+)([smh])", str(rule["for"])).groups()  # type: ignore[union-attr]
+    assert int(number) * _UNIT[unit] >= 60, rule["alert"]
