@@ -229,6 +229,8 @@ def act(namespace: str, name: str, facts: Facts, step: Plan, ctx: Context, now: 
 
 def _record_metrics(ctx: Context, namespace: str, name: str, facts: Facts, step: Plan) -> None:
     m = ctx.metrics
+    for direction in ("up", "down"):  # zeros, not missing series, until the first scale action
+        m.scale_actions.labels(namespace, name, direction)
     for cond in step.conditions:
         m.condition.labels(namespace, name, cond.type).set(1 if cond.status else 0)
     for failure in (facts.spec, facts.target, facts.stats):
