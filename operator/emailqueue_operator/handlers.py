@@ -1,9 +1,11 @@
-"""kopf handlers: one async daemon per EmailQueue runs its poll loop.
+"""kopf handlers: a watch handler starts one asyncio poll loop per EmailQueue.
 
-A daemon (not a timer) because each resource polls at its own `behavior.pollSeconds`.
-The blocking work (pika, the kubernetes client) runs in a worker thread; the policy
-state is restored from `status.policy` when the daemon starts, so an operator restart
-continues the stabilization windows, cooldowns and learned rates where they were.
+A loop (not a timer) because each resource polls at its own `behavior.pollSeconds`, and
+our own task (not a kopf daemon) because a daemon makes kopf put a finalizer on every
+EmailQueue (see ScaleLoop). The blocking work (pika, the kubernetes client) runs in a
+worker thread; the policy state is restored from `status.policy` whenever a loop starts
+to lead, so an operator restart or a leader change continues the stabilization windows,
+cooldowns and learned rates where they were. Only the elected leader polls (leader.py).
 """
 from __future__ import annotations
 
@@ -11,12 +13,13 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable, Mapping
 
 import kopf
 from prometheus_client import REGISTRY
 
 from . import kube
+from .leader import LEADERSHIP
 from .metrics import OperatorMetrics
 from .poller import Context, PollResult, poll
 from .rabbitmq import BrokerPool
@@ -27,20 +30,21 @@ GROUP, VERSION, PLURAL = kube.GROUP, kube.VERSION, kube.PLURAL
 CONTEXT = Context(pool=BrokerPool(), secrets=kube.SecretCache(), metrics=OperatorMetrics(REGISTRY))
 
 
+# v0.1 ran kopf daemons, which put this finalizer on every EmailQueue. No handler needs
+# one now, and kopf removes the configured finalizer from any object it sees carrying it
+# while no handler requires it: upgraded clusters lose it at the operator's first event.
+LEGACY_FINALIZER = "emailqueue.dev/operator"
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    settings.persistence.finalizer = "emailqueue.dev/operator"
+    settings.persistence.finalizer = LEGACY_FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="emailqueue.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="emailqueue.dev")
     settings.posting.level = logging.WARNING  # our own events are posted explicitly
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 30
     settings.execution.max_workers = 32
-
-
-@kopf.on.cleanup()
-def close_connections(**_: Any) -> None:
-    CONTEXT.pool.close()
 
 
 log = logging.getLogger("emailqueue_operator")
@@ -78,11 +82,11 @@ def target_key(namespace: str | None, spec: Any) -> tuple[str, str, str]:
 class TargetClaims:
     """Which EmailQueues scale which workload: (namespace, kind, name) → {EmailQueue: created}.
 
-    Every EmailQueue the operator watches has a daemon in this process, and each daemon
-    keeps its own entry current, so the registry is complete without a watch or a request.
-    (A kopf index would do the same, but holds every handler until all objects are
-    indexed, which turns start-up into one burst of finalizer patches, one connection
-    each.) Used only from the event loop's thread.
+    Every EmailQueue the operator watches has a loop in this process (a follower's too),
+    and each loop keeps its own entry current, so the registry is complete without a watch
+    or a request; only one process polls (the leader), so one registry decides. (A kopf
+    index would do the same, but holds every handler until all objects are indexed.) Used
+    only from the event loop's thread.
     """
 
     def __init__(self) -> None:
@@ -104,58 +108,171 @@ class TargetClaims:
 CLAIMS = TargetClaims()
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)
-async def scale_loop(name: str, namespace: str, body: kopf.Body, stopped: kopf.DaemonStopped,
-                     logger: kopf.Logger, **_: Any) -> None:
-    """Poll the queue and scale the target until the EmailQueue goes away."""
-    state = PolicyState.from_status((body.status or {}).get("policy"))
-    # The poll needs only the previous conditions (for their transition times).
-    conditions_now = list((body.status or {}).get("conditions") or [])
-    loop = asyncio.get_running_loop()
-    next_at = loop.time()
+class ScaleLoop:
+    """One EmailQueue's poll loop: an asyncio task of its own, fed the latest body by the watch.
+
+    Not a kopf daemon: kopf puts a finalizer on every object a daemon serves, so an
+    EmailQueue could not be deleted while the operator is away (uninstalled first, crashed,
+    scaled to zero). Nothing here needs to run before an EmailQueue goes: a deleted one's
+    loop only stops polling and drops its claims and metrics, which the watch's DELETED
+    event triggers as well as a finalizer would.
+    """
+
+    def __init__(self, body: Mapping[str, Any]) -> None:
+        self.body = body
+        self.stopped = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+
+class ScaleLoops:
+    """The running loops by EmailQueue uid, started and stopped from watch events."""
+
+    def __init__(self, run: Callable[[ScaleLoop], Awaitable[None]]) -> None:
+        self._run = run
+        self._loops: dict[str, ScaleLoop] = {}
+
+    def __len__(self) -> int:
+        return len(self._loops)
+
+    def observe(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        """Start, refresh or stop the loop of the EmailQueue an event is about (event loop thread)."""
+        meta = body.get("metadata") or {}
+        uid = str(meta.get("uid") or "")
+        loop = self._loops.get(uid)
+        if event_type == "DELETED" or meta.get("deletionTimestamp"):
+            if loop is not None:
+                del self._loops[uid]
+                loop.stopped.set()
+            return
+        if loop is not None:
+            loop.body = body
+            return
+        loop = self._loops[uid] = ScaleLoop(body)
+        loop.task = asyncio.get_running_loop().create_task(self._guarded(uid, loop))
+
+    async def _guarded(self, uid: str, loop: ScaleLoop) -> None:
+        try:
+            await self._run(loop)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug: log it; the next watch event of this EmailQueue starts a new loop
+            log.exception("scale loop of %s failed", uid)
+        finally:
+            if self._loops.get(uid) is loop:
+                del self._loops[uid]
+
+    async def stop_all(self, timeout: float) -> None:
+        """Stop every loop: let them finish their poll for `timeout` seconds, then cancel."""
+        loops, self._loops = list(self._loops.values()), {}
+        for loop in loops:
+            loop.stopped.set()
+        tasks = [loop.task for loop in loops if loop.task is not None]
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def scale_loop(loop: ScaleLoop) -> None:
+    """Poll the queue and scale the target until the EmailQueue goes away.
+
+    Only the leader polls (see leader.py); a follower's loop waits, its claim on the target
+    kept current, and on taking over it restores the policy state from the status the
+    previous leader wrote, so stabilization windows and cooldowns carry on.
+    """
+    meta = loop.body.get("metadata") or {}
+    namespace, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
+    aio = asyncio.get_running_loop()
+    claimed: tuple[str, str, str] | None = None
+    leading = False
+    state, conditions_now = PolicyState(), []
+    next_at = aio.time()
     written: str | None = None
     written_at = float("-inf")
-    claimed: tuple[str, str, str] | None = None
     try:
-        while not stopped:
-            CONTEXT.metrics.poll_lag.observe(max(0.0, loop.time() - next_at))
-            # Our own last status, not the watched one: the watch may lag behind our patch.
-            snapshot = {"metadata": dict(body.metadata), "spec": dict(body.spec),
-                        "status": {"conditions": conditions_now}}
-            key = target_key(namespace, body.spec)
+        while not loop.stopped.is_set():
+            body = loop.body
+            key = target_key(namespace, body.get("spec"))
             if key != claimed:
                 CLAIMS.release(claimed, name)
                 claimed = key
-            claims = CLAIMS.claim(key, name, str(body.metadata.get("creationTimestamp") or ""))
+            claims = CLAIMS.claim(key, name, str((body.get("metadata") or {}).get("creationTimestamp") or ""))
+            if not LEADERSHIP.leading():
+                if leading:  # a former leader's series would double every sum() on the dashboards
+                    CONTEXT.metrics.forget(namespace, name)
+                leading = False
+                await LEADERSHIP.wait_leading(loop.stopped)
+                continue
+            if not leading:
+                # (Re)starting to lead: the status is the previous leader's memory.
+                status = body.get("status") or {}
+                state = PolicyState.from_status(status.get("policy"))
+                conditions_now = list(status.get("conditions") or [])
+                written, written_at, next_at, leading = None, float("-inf"), aio.time(), True
+            CONTEXT.metrics.poll_lag.observe(max(0.0, aio.time() - next_at))
+            # Our own last status, not the watched one: the watch may lag behind our patch.
+            snapshot = {"metadata": dict(body.get("metadata") or {}), "spec": dict(body.get("spec") or {}),
+                        "status": {"conditions": conditions_now}}
             try:
                 result = await asyncio.to_thread(poll, snapshot, state, CONTEXT, claims)
             except Exception as exc:  # a bug past gather's guard: report it, keep the loop alive
-                logger.exception("poll failed unexpectedly")
+                log.exception("%s/%s: poll failed unexpectedly", namespace, name)
                 kopf.exception(body, reason="PollFailed", message=f"{type(exc).__name__}: {exc}")
-                await stopped.wait(30)
-                next_at = loop.time()
+                await _sleep(loop.stopped, 30)
+                next_at = aio.time()
                 continue
             state = result.state
             conditions_now = result.status.get("conditions", conditions_now)
             summary = material(result.status)
-            if summary != written or loop.time() - written_at >= STATUS_REFRESH_SECONDS:
+            if summary != written or aio.time() - written_at >= STATUS_REFRESH_SECONDS:
                 try:
                     await asyncio.to_thread(kube.patch_status, namespace, name, result.status)
-                    written, written_at = summary, loop.time()
+                    written, written_at = summary, aio.time()
                 except Exception as exc:  # status is informative; the next poll writes it again
-                    logger.warning("status patch failed: %s", exc)
+                    log.warning("%s/%s: status patch failed: %s", namespace, name, exc)
             _post(body, namespace, name, result)
             next_at += result.poll_seconds
-            delay = next_at - loop.time()
+            delay = next_at - aio.time()
             if delay < 0:  # we fell behind: do not try to catch up with a burst
-                next_at = loop.time()
+                next_at = aio.time()
                 delay = 0
-            await stopped.wait(delay)
+            await _sleep(loop.stopped, delay)
     finally:
         CLAIMS.release(claimed, name)
         CONTEXT.metrics.forget(namespace, name)
 
 
+async def _sleep(stopped: asyncio.Event, seconds: float) -> None:
+    """Sleep, waking early when the loop is stopped."""
+    try:
+        await asyncio.wait_for(stopped.wait(), timeout=seconds)
+    except asyncio.TimeoutError:
+        pass
+
+
+LOOPS = ScaleLoops(scale_loop)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def track(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    """Every watch event of an EmailQueue: start its loop, hand it the new body, or stop it.
+
+    A watching handler needs no finalizer; kopf strips the one v0.1 put on (its name is
+    still `settings.persistence.finalizer`) at the first event it sees of such an object.
+    """
+    LOOPS.observe(event.get("type"), body)
+
+
+@kopf.on.cleanup()
+async def stop_loops(**_: Any) -> None:
+    """Stop polling before the process (and its Lease) goes: no scale after the hand-over."""
+    await LOOPS.stop_all(timeout=10.0)
+    CONTEXT.pool.close()
+
+
 @kopf.on.probe(id="pollers")
 def pollers(**_: Any) -> dict[str, Any]:
-    return {"brokerConnections": CONTEXT.pool.open_connections(), "time": time.time()}
+    return {"brokerConnections": CONTEXT.pool.open_connections(), "emailQueues": len(LOOPS),
+            "leading": LEADERSHIP.leading(), "time": time.time()}

@@ -1,4 +1,4 @@
-"""Starts the operator process: metrics server, kopf event loop, scope and peering."""
+"""Starts the operator process: metrics server, leader election, kopf event loop and scope."""
 from __future__ import annotations
 
 import asyncio
@@ -8,6 +8,8 @@ import logging
 import kopf
 from prometheus_client import start_http_server
 
+from .leader import ElectionSettings, Elector
+
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -15,8 +17,30 @@ class _JsonFormatter(logging.Formatter):
                            "message": record.getMessage()})
 
 
-def run_operator(namespaces: list[str], metrics_port: int, health_port: int, peering: str | None,
-                 log_format: str, verbose: bool) -> int:
+class _QuietWatchHandler(logging.Filter):
+    """Drops kopf's per-event "Handler 'track' succeeded." lines (one per watch event and
+    EmailQueue: a thousand EmailQueues would log dozens a second). Failures still pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.getMessage().startswith("Handler 'track'")
+
+
+async def _operate(namespaces: list[str], liveness: str | None, election: ElectionSettings | None) -> None:
+    elector = None
+    if election is not None:
+        elector = Elector(election)
+        elector.start(asyncio.get_running_loop())
+    try:
+        # kopf runs standalone: the Lease, not a kopf peering, decides who scales.
+        await kopf.operator(clusterwide=not namespaces, namespaces=namespaces, standalone=True,
+                            liveness_endpoint=liveness)
+    finally:
+        if elector is not None:  # after kopf's cleanup stopped the scale loops: then hand over
+            await asyncio.to_thread(elector.stop)
+
+
+def run_operator(namespaces: list[str], metrics_port: int, health_port: int, log_format: str, verbose: bool,
+                 election: ElectionSettings | None = None) -> int:
     if log_format == "json":
         for handler in logging.getLogger().handlers:
             handler.setFormatter(_JsonFormatter())
@@ -25,15 +49,12 @@ def run_operator(namespaces: list[str], metrics_port: int, health_port: int, pee
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
     logging.getLogger("pika").setLevel(logging.CRITICAL)  # probe failures are reported by us, once
+    logging.getLogger("kopf.objects").addFilter(_QuietWatchHandler())
 
     from . import handlers  # noqa: F401  (registers the kopf handlers)
 
     if metrics_port:
         start_http_server(metrics_port)
     liveness = f"http://0.0.0.0:{health_port}/healthz" if health_port else None
-    asyncio.run(kopf.operator(
-        clusterwide=not namespaces, namespaces=namespaces,
-        standalone=peering is None, peering_name=peering,
-        liveness_endpoint=liveness,
-    ))
+    asyncio.run(_operate(namespaces, liveness, election))
     return 0
