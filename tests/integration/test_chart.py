@@ -5,7 +5,9 @@
 Security Standard, checked through the namespace's warn label); `helm install` creates the
 CRD, RBAC and Deployments (no kubelet here, so no pod runs: objects are checked, not pods);
 values.schema.json turns typos and wrong types into install failures. Each test uses its own
-release and namespace; cluster-scoped objects are removed by `helm uninstall`.
+release and namespace; cluster-scoped objects are removed by `helm uninstall`. Installs here
+set crds.install=false: the test bed's CRD is shared (applied from deploy/crds) and one Helm
+release may own it; test_chart_upgrade.py installs and upgrades the CRD under a private group.
 """
 from __future__ import annotations
 
@@ -96,6 +98,17 @@ def release(helm: Callable[..., subprocess.CompletedProcess[str]], namespace: st
     helm("uninstall", name, "-n", namespace, "--wait=false", check=False)
 
 
+# `helm template` checks kubeVersion against a default cluster version: v1.20.0 in the test bed's
+# helm (built without upstream's k8sVersion ldflags). Name the test bed's.
+KUBE_VERSION = ["--kube-version", "1.36.0"]
+# The shared test bed's CRD belongs to no release (see the module docstring).
+SHARED_CRD = ["--set", "crds.install=false"]
+
+
+def chart_meta() -> dict[str, Any]:
+    return yaml.safe_load((CHART / "Chart.yaml").read_text(encoding="utf-8"))
+
+
 def full_values(namespace: str) -> list[str]:
     """--set flags turning every optional part on."""
     return ["--set", "worker.enabled=true", "--set", "worker.smtp.host=smtp.example.com",
@@ -144,7 +157,7 @@ def test_helm_lint_strict(helm: Callable[..., subprocess.CompletedProcess[str]])
 ], ids=["misspelled-nested", "misspelled-top", "wrong-type", "bad-enum"])
 def test_schema_rejects_bad_values_on_install(helm: Callable[..., subprocess.CompletedProcess[str]],
                                               namespace: str, release: str, flag: str, message: str) -> None:
-    result = helm("install", release, str(CHART), "-n", namespace, "--set", flag, check=False)
+    result = helm("install", release, str(CHART), "-n", namespace, *SHARED_CRD, "--set", flag, check=False)
     assert result.returncode != 0
     assert message in result.stderr
     assert helm("status", release, "-n", namespace, check=False).returncode != 0, "nothing may be installed"
@@ -152,7 +165,7 @@ def test_schema_rejects_bad_values_on_install(helm: Callable[..., subprocess.Com
 
 def test_worker_grace_period_shorter_than_drain_is_refused(helm: Callable[..., subprocess.CompletedProcess[str]],
                                                            namespace: str) -> None:
-    result = helm("template", "x", str(CHART), "-n", namespace, *full_values(namespace),
+    result = helm("template", "x", str(CHART), *KUBE_VERSION, "-n", namespace, *full_values(namespace),
                   "--set", "worker.terminationGracePeriodSeconds=40", check=False)
     assert result.returncode != 0
     assert "must exceed worker.graceSeconds + worker.smtp.timeoutSeconds" in result.stderr
@@ -161,7 +174,7 @@ def test_worker_grace_period_shorter_than_drain_is_refused(helm: Callable[..., s
 # --- rendered objects -------------------------------------------------------------------
 
 def test_rendered_pods_are_locked_down(helm: Callable[..., subprocess.CompletedProcess[str]]) -> None:
-    docs = documents(helm("template", "x", str(CHART), "-n", "email", *full_values("email")).stdout)
+    docs = documents(helm("template", "x", str(CHART), *KUBE_VERSION, "-n", "email", *full_values("email")).stdout)
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
     assert set(deployments) == {"x-emailqueue-operator", "x-emailqueue-operator-worker"}
     for name, deployment in deployments.items():
@@ -174,7 +187,7 @@ def test_rendered_pods_are_locked_down(helm: Callable[..., subprocess.CompletedP
             assert context["capabilities"]["drop"] == ["ALL"], name
             assert context["seccompProfile"]["type"] == "RuntimeDefault", name
             assert context["runAsUser"] == 65532
-            assert container["image"].endswith(":0.1.0"), "image tag defaults to appVersion"
+            assert container["image"].endswith(f":{chart_meta()['appVersion']}"), "image tag defaults to appVersion"
             assert container["livenessProbe"] and container["readinessProbe"]
             assert container["resources"]["requests"]
     worker = deployments["x-emailqueue-operator-worker"]["spec"]
@@ -182,11 +195,11 @@ def test_rendered_pods_are_locked_down(helm: Callable[..., subprocess.CompletedP
     assert worker["template"]["spec"]["terminationGracePeriodSeconds"] > \
         float(env["GRACE_SECONDS"]) + float(env["SMTP_TIMEOUT"])
     assert "replicas" not in worker, "the operator owns the worker's replica count"
-    assert deployments["x-emailqueue-operator"]["spec"]["replicas"] == 1
+    assert deployments["x-emailqueue-operator"]["spec"]["replicas"] == 2, "a leader and a follower"
 
 
 def test_network_policies_admit_only_metrics(helm: Callable[..., subprocess.CompletedProcess[str]]) -> None:
-    docs = documents(helm("template", "x", str(CHART), "-n", "email", *full_values("email")).stdout)
+    docs = documents(helm("template", "x", str(CHART), *KUBE_VERSION, "-n", "email", *full_values("email")).stdout)
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
     assert len(policies) == 2
     for policy in policies:
@@ -197,7 +210,7 @@ def test_network_policies_admit_only_metrics(helm: Callable[..., subprocess.Comp
 
 def test_operator_scrape_keeps_the_emailqueue_namespace_label(
         helm: Callable[..., subprocess.CompletedProcess[str]]) -> None:
-    docs = documents(helm("template", "x", str(CHART), "-n", "email", *full_values("email")).stdout)
+    docs = documents(helm("template", "x", str(CHART), *KUBE_VERSION, "-n", "email", *full_values("email")).stdout)
     monitor = next(d for d in docs if d["kind"] == "ServiceMonitor" and d["metadata"]["name"] == "x-emailqueue-operator")
     assert monitor["spec"]["endpoints"][0]["honorLabels"] is True
 
@@ -208,7 +221,7 @@ def test_helm_template_passes_server_dry_run(kube_env: Any, helm: Callable[..., 
                                             crds: None, monitoring_crds: None, restricted_namespace: str) -> None:
     namespace = restricted_namespace
     for extra in ([], ["--set", f"operator.watchNamespaces={{{namespace}}}"]):
-        rendered = helm("template", f"dry{uuid.uuid4().hex[:6]}", str(CHART), "-n", namespace, "--include-crds",
+        rendered = helm("template", f"dry{uuid.uuid4().hex[:6]}", str(CHART), *KUBE_VERSION, "-n", namespace,
                         *full_values(namespace), *extra).stdout
         result = dry_run_server(kube_env, documents(rendered))
         assert PSA_WARNING not in result.stderr, result.stderr
@@ -224,9 +237,10 @@ def test_deploy_kustomization_passes_server_dry_run(kube_env: Any, crds: None, m
     assert PSA_WARNING not in result.stderr, result.stderr
 
 
-def test_helm_install_creates_crd_rbac_and_deployments(kube_env: Any, helm: Callable[..., subprocess.CompletedProcess[str]],
-                                                       monitoring_crds: None, namespace: str, release: str) -> None:
-    result = helm("install", release, str(CHART), "-n", namespace, *full_values(namespace))
+def test_helm_install_creates_rbac_and_deployments(kube_env: Any, helm: Callable[..., subprocess.CompletedProcess[str]],
+                                                   crds: None, monitoring_crds: None, namespace: str,
+                                                   release: str) -> None:
+    result = helm("install", release, str(CHART), "-n", namespace, *full_values(namespace), *SHARED_CRD)
     assert "kubectl get eq" in result.stdout, "NOTES tell the user how to check it works"
     fullname = f"{release}-emailqueue-operator"
     kube_env.kubectl("get", "crd", "emailqueues.emailqueue.dev")
@@ -235,7 +249,9 @@ def test_helm_install_creates_crd_rbac_and_deployments(kube_env: Any, helm: Call
     kube_env.kubectl("-n", namespace, "get", "serviceaccount", fullname)
     kube_env.kubectl("-n", namespace, "get", "role,rolebinding", f"{fullname}-secrets")
     kube_env.kubectl("-n", namespace, "get", "deployment", fullname, f"{fullname}-worker")
-    kube_env.kubectl("-n", namespace, "get", "poddisruptionbudget", f"{fullname}-worker")
+    kube_env.kubectl("-n", namespace, "get", "poddisruptionbudget", fullname, f"{fullname}-worker")
+    kube_env.kubectl("-n", namespace, "get", "role,rolebinding", f"{fullname}-leader-election")
+    assert "get lease" in result.stdout, "NOTES tell the user how to find the leader"
     kube_env.kubectl("-n", namespace, "get", "networkpolicy", fullname, f"{fullname}-worker")
     kube_env.kubectl("-n", namespace, "get", "servicemonitor", fullname)
     kube_env.kubectl("-n", namespace, "get", "prometheusrule", fullname)
@@ -245,14 +261,20 @@ def test_helm_install_creates_crd_rbac_and_deployments(kube_env: Any, helm: Call
 
     helm("uninstall", release, "-n", namespace)
     assert kube_env.kubectl("get", "clusterrole", fullname, check=False).returncode != 0
-    kube_env.kubectl("get", "crd", "emailqueues.emailqueue.dev")  # kept: uninstall must not delete user data
+    kube_env.kubectl("get", "crd", "emailqueues.emailqueue.dev")  # not the release's: untouched
 
 
 def test_rbac_manifests_match_the_chart(kube_env: Any, helm: Callable[..., subprocess.CompletedProcess[str]]) -> None:
-    """deploy/operator's ClusterRole and the chart's cluster-wide ClusterRole grant the same rules."""
-    chart_docs = documents(helm("template", "x", str(CHART), "-n", "emailqueue-system").stdout)
-    chart_rules = next(d for d in chart_docs if d["kind"] == "ClusterRole")["rules"]
-    plain = yaml.safe_load((DEPLOY / "operator" / "base" / "clusterrole.yaml").read_text(encoding="utf-8"))["rules"]
-    as_set = lambda rules: {(tuple(r["apiGroups"]), tuple(r["resources"]), tuple(sorted(r["verbs"]))) for r in rules}
-    assert as_set(chart_rules) == as_set(plain)
+    """deploy/operator's ClusterRole and leader-election Role grant the same rules as the chart's
+    cluster-wide ClusterRole and Role (release `emailqueue-operator`: the Lease has the same name)."""
+    chart_docs = documents(helm("template", "emailqueue-operator", str(CHART), *KUBE_VERSION,
+                                "-n", "emailqueue-system").stdout)
+    as_set = lambda rules: {(tuple(r["apiGroups"]), tuple(r["resources"]), tuple(sorted(r["verbs"])),  # noqa: E731
+                             tuple(r.get("resourceNames", ()))) for r in rules}
+    for kind, plain_file in (("ClusterRole", "clusterrole.yaml"), ("Role", "leader-election-role.yaml")):
+        chart_rules = next(d for d in chart_docs if d["kind"] == kind)["rules"]
+        plain = yaml.safe_load((DEPLOY / "operator" / "base" / plain_file).read_text(encoding="utf-8"))["rules"]
+        assert as_set(chart_rules) == as_set(plain), kind
+    roles = [d["metadata"]["name"] for d in chart_docs if d["kind"] == "Role"]
+    assert roles == ["emailqueue-operator-leader-election"], "the default install's only Role is the Lease's"
 

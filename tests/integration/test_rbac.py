@@ -4,7 +4,8 @@ Installed by the real chart into the test bed's apiserver (RBAC authorizer on). 
 may read a Deployment and patch its /scale, patch EmailQueues and their status, post Events,
 list HPAs; it may not delete anything, create pods, update Deployments beyond /scale, or list
 Secrets; in namespaced-Secrets mode it reads Secrets only where allowed; in the Role variant
-it scales only in the watched namespace.
+it scales only in the watched namespace; it may create Leases and get/update only its own, and
+only in the release namespace (leader election).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any, Callable
 
 import pytest
 
-from tests.integration.test_chart import CHART, helm, release  # noqa: F401 (shared fixtures)
+from tests.integration.test_chart import CHART, SHARED_CRD, helm, release  # noqa: F401 (shared fixtures)
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +43,7 @@ def can_i(kube_env: Any, service_account: str, verb: str, resource: str, namespa
 
 
 def install(helm: Helm, release: str, namespace: str, *flags: str) -> str:
-    helm("install", release, str(CHART), "-n", namespace, *flags)
+    helm("install", release, str(CHART), "-n", namespace, *SHARED_CRD, *flags)
     return f"system:serviceaccount:{namespace}:{release}-emailqueue-operator"
 
 
@@ -72,6 +73,12 @@ def test_cluster_wide_operator_scales_and_cannot_do_more(kube_env: Any, helm: He
     assert can_i(kube_env, sa, "watch", "customresourcedefinitions.apiextensions.k8s.io", None)
     assert can_i(kube_env, sa, "list", "namespaces", None)
     assert not can_i(kube_env, sa, "delete", "customresourcedefinitions.apiextensions.k8s.io", None)
+    lease = f"leases.coordination.k8s.io/{release}-emailqueue-operator"
+    assert can_i(kube_env, sa, "create", "leases.coordination.k8s.io", namespace)
+    assert can_i(kube_env, sa, "get", lease, namespace) and can_i(kube_env, sa, "update", lease, namespace)
+    assert not can_i(kube_env, sa, "update", "leases.coordination.k8s.io/someone-elses", namespace)
+    assert not can_i(kube_env, sa, "delete", lease, namespace)
+    assert not can_i(kube_env, sa, "create", "leases.coordination.k8s.io", other_namespace)
     assert not can_i(kube_env, sa, "create", "clusterrolebindings.rbac.authorization.k8s.io", None)
 
 

@@ -25,6 +25,10 @@ MONITORING = ["--set", "serviceMonitor.enabled=true", "--set", "prometheusRule.e
               "--set", "dashboard.enabled=true", "--set", "worker.enabled=true",
               "--set", "worker.smtp.host=smtp.example.com", "--set", "worker.amqpSecret.name=rabbitmq"]
 
+# `helm template` checks Chart.yaml's kubeVersion against a default cluster version, which the test
+# bed's helm (built without upstream's k8sVersion ldflags) has at v1.20.0: name a supported one.
+KUBE_VERSION = ["--kube-version", "1.29.0"]
+
 _UP_SELECTOR = re.compile(r'\bup\{([^}]*)\}')
 _MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
 
@@ -37,7 +41,8 @@ def _helm() -> str:
 
 
 def render(release: str, *values: str) -> list[dict[str, Any]]:
-    result = subprocess.run([_helm(), "template", release, str(CHART), "--namespace", "mail", *MONITORING, *values],
+    result = subprocess.run([_helm(), "template", release, str(CHART), "--namespace", "mail", *KUBE_VERSION,
+                             *MONITORING, *values],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
@@ -116,3 +121,75 @@ def test_worker_job_names_its_deployment() -> None:
     deployment = next(d for d in docs if d["kind"] == "Deployment"
                       and d["spec"]["selector"]["matchLabels"] == monitor["selector"]["matchLabels"])
     assert service["metadata"]["name"] == deployment["metadata"]["name"] == "x-worker"
+
+
+# --- HA: two replicas, one leader --------------------------------------------------------
+
+def _operator(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] == "Deployment"
+                and d["spec"]["selector"]["matchLabels"].get("app.kubernetes.io/component") == "operator")
+
+
+def test_default_operator_runs_two_replicas_with_a_leader_a_pdb_and_a_spread() -> None:
+    docs = render("prod")
+    deployment = _operator(docs)
+    spec = deployment["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"]["type"] == "RollingUpdate", "Recreate is only needed without a leader election"
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    container = spec["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert "--leader-elect" in args and f"--leader-election-id={deployment['metadata']['name']}" in args
+    assert {"--leader-elect-lease-duration=15", "--leader-elect-renew-deadline=10",
+            "--leader-elect-retry-period=2"} <= set(args)
+    env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in container["env"]}
+    assert env["POD_NAME"] == "metadata.name" and env["POD_NAMESPACE"] == "metadata.namespace"
+    spread = spec["template"]["spec"]["topologySpreadConstraints"]
+    assert spread == [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
+                       "labelSelector": {"matchLabels": spec["selector"]["matchLabels"]}}]
+    pdb = next(d for d in docs if d["kind"] == "PodDisruptionBudget"
+               and d["spec"]["selector"]["matchLabels"] == spec["selector"]["matchLabels"])
+    assert pdb["spec"]["maxUnavailable"] == 1
+    role = next(d for d in docs if d["kind"] == "Role" and d["metadata"]["name"].endswith("-leader-election"))
+    assert role["metadata"]["namespace"] == "mail"
+    assert {(tuple(r["verbs"]), tuple(r.get("resourceNames", ()))) for r in role["rules"]} == {
+        (("create",), ()), (("get", "update"), (deployment["metadata"]["name"],))}
+    binding = next(d for d in docs if d["kind"] == "RoleBinding" and d["roleRef"]["name"] == role["metadata"]["name"])
+    assert binding["subjects"][0]["name"] == spec["template"]["spec"]["serviceAccountName"]
+
+
+def test_single_replica_without_election_has_no_pdb_or_lease_role() -> None:
+    docs = render("prod", "--set", "operator.replicaCount=1", "--set", "operator.leaderElection.enabled=false",
+                  "--set", "operator.topologySpreadConstraints=null")
+    spec = _operator(docs)["spec"]
+    assert spec["replicas"] == 1 and "--leader-elect" not in spec["template"]["spec"]["containers"][0]["args"]
+    assert "topologySpreadConstraints" not in spec["template"]["spec"]
+    assert not [d for d in docs if d["kind"] == "PodDisruptionBudget"
+                and d["spec"]["selector"]["matchLabels"] == spec["selector"]["matchLabels"]]
+    assert not [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"].endswith("-leader-election")]
+
+
+@pytest.mark.parametrize("values, message", [
+    (["operator.replicaCount=2", "operator.leaderElection.enabled=false"], "needs operator.leaderElection.enabled"),
+    (["operator.leaderElection.renewDeadline=20"], "retryPeriod < renewDeadline < leaseDuration"),
+], ids=["replicas-without-election", "deadline-above-lease"])
+def test_unsafe_ha_settings_are_refused(values: list[str], message: str) -> None:
+    flags = [arg for value in values for arg in ("--set", value)]
+    result = subprocess.run([_helm(), "template", "x", str(CHART), *KUBE_VERSION, *flags], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0 and message in result.stderr
+
+
+def test_chart_refuses_clusters_without_cel_validation() -> None:
+    result = subprocess.run([_helm(), "template", "x", str(CHART), "--kube-version", "1.24.9"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0 and "chart requires kubeVersion: >=1.25.0-0" in result.stderr
+
+
+def test_crd_is_a_kept_template_behind_crds_install() -> None:
+    crds = [d for d in render("prod") if d["kind"] == "CustomResourceDefinition"]
+    assert [c["metadata"]["name"] for c in crds] == ["emailqueues.emailqueue.dev"]
+    assert crds[0]["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert crds[0]["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+    assert "metricsSource" in json.dumps(crds[0]["spec"])
+    assert not [d for d in render("prod", "--set", "crds.install=false") if d["kind"] == "CustomResourceDefinition"]

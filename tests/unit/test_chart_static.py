@@ -1,12 +1,13 @@
 """What ships must stay in step with its sources, and the chart's contract with users holds.
 
 File-level checks, no cluster and no helm binary: the chart carries byte-identical copies of
-the CRD and the monitoring sources; every value is documented (`# --`) and described by a
+the monitoring sources and the CRD as sync.py wraps it into a template; every value is documented (`# --`) and described by a
 schema that rejects unknown keys; the two Kustomize trees reference every manifest they hold;
 the images are multi-stage, pinned, and run as uid 65532.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -24,11 +25,33 @@ PASSTHROUGH = {"/operator/affinity", "/worker/affinity", "/global"}
 
 
 @pytest.mark.parametrize("source, copy", [
-    (DEPLOY / "crds" / "emailqueue.dev_emailqueues.yaml", CHART / "crds" / "emailqueue.dev_emailqueues.yaml"),
     (DEPLOY / "monitoring" / "rules" / "emailqueue.rules.yaml", CHART / "files" / "emailqueue.rules.yaml"),
-], ids=["crd", "rules"])
+], ids=["rules"])
 def test_chart_copy_is_byte_identical(source: Path, copy: Path) -> None:
     assert copy.read_bytes() == source.read_bytes(), f"{copy} is stale: run `python deploy/monitoring/sync.py`"
+
+
+def _sync_module():
+    spec = importlib.util.spec_from_file_location("monitoring_sync", DEPLOY / "monitoring" / "sync.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CHART_CRD = CHART / "templates" / "crds" / "emailqueue.dev_emailqueues.yaml"
+
+
+def test_chart_crd_template_is_the_deploy_crd() -> None:
+    """The templated CRD is deploy/crds' CRD, only its metadata rewritten (sync.py)."""
+    sync = _sync_module()
+    assert CHART_CRD.read_text(encoding="utf-8") == sync.crd_template(), \
+        f"{CHART_CRD} is stale: run `python deploy/monitoring/sync.py`"
+    source = yaml.safe_load((DEPLOY / "crds" / CHART_CRD.name).read_text(encoding="utf-8"))
+    body = [line for line in CHART_CRD.read_text(encoding="utf-8").splitlines() if "{{" not in line]
+    templated = yaml.safe_load("\n".join(body))
+    assert templated["spec"] == source["spec"]
+    assert templated["metadata"]["name"] == source["metadata"]["name"]
+    assert templated["metadata"]["labels"]["app.kubernetes.io/component"] == "crd"
 
 
 def _documented_leaves(lines: list[str]) -> list[tuple[str, bool]]:
@@ -129,12 +152,20 @@ def test_schema_and_values_describe_the_same_keys() -> None:
     assert missing == set(), "schema keys without a documented default in values.yaml"
 
 
-def test_chart_crd_kept_on_uninstall() -> None:
-    """Helm installs crds/ once and never deletes it: uninstall keeps every EmailQueue."""
+def test_chart_crd_upgrades_and_is_kept_on_uninstall() -> None:
+    """The CRD is a template (crds/ is installed once and never upgraded by Helm), behind
+    crds.install, with helm.sh/resource-policy: keep so uninstall keeps every EmailQueue;
+    kubeVersion admits only clusters that run the CRD's CEL rules."""
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text(encoding="utf-8"))
     assert chart["apiVersion"] == "v2"
-    templates = "".join(p.read_text() for p in (CHART / "templates").rglob("*") if p.is_file())
-    assert "CustomResourceDefinition" not in templates, "a templated CRD would be deleted by helm uninstall"
+    assert chart["kubeVersion"] == ">=1.25.0-0"
+    assert not (CHART / "crds").exists(), "crds/ is never upgraded by helm upgrade"
+    text = CHART_CRD.read_text(encoding="utf-8")
+    assert text.splitlines()[1] == "{{- if .Values.crds.install }}" and text.endswith("{{- end }}\n")
+    assert "    helm.sh/resource-policy: keep\n" in text
+    templates = [p for p in (CHART / "templates").rglob("*.yaml") if "CustomResourceDefinition" in p.read_text()]
+    assert templates == [CHART_CRD]
+    assert yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))["crds"]["install"] is True
 
 
 def _kustomization_dirs() -> list[Path]:
