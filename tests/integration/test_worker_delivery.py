@@ -376,10 +376,16 @@ def test_an_smtp_outage_delays_mail_but_loses_none(vhost: str, start_worker: Cal
     later = SmtpControl("127.0.0.1", port, control_port)  # nothing listens there yet
     with Publisher(vhost, declare_topology=topology(max_retries=30)) as publisher:
         ids = publisher.publish_many(job(n) for n in range(20))
-    worker = start_worker(vhost, later, "--max-retries", "30")
-    worker.wait_ready()
-    wait_until(lambda: worker.metric('emailworker_emails_failed_total{class="temporary"}') >= 3, 30,
-               "failed attempts while SMTP is down")
+    worker = start_worker(vhost, later, "--max-retries", "30", "--circuit-initial-seconds", "0.5",
+                          "--circuit-max-seconds", "2")
+    # Refused connections are sender-side: the circuit opens, consumption pauses, readiness flips,
+    # and no job spends a retry on them.
+    wait_until(lambda: worker.probe("/healthz") == 200 and worker.metric("emailworker_smtp_circuit_open") == 1,
+               30, "the SMTP circuit to open while SMTP is down")
+    assert worker.probe("/readyz") == 503
+    wait_until(lambda: worker.metric('emailworker_emails_failed_total{class="sender"}') >= 3, 30,
+               "failed probes while SMTP is down")
+    assert worker.metric("emailworker_emails_retried_total") == 0
 
     proc = subprocess.Popen([sys.executable, "-m", "emailqueue_testbed.smtp", "--port", str(port),
                              "--control-port", str(control_port)],
@@ -390,6 +396,7 @@ def test_an_smtp_outage_delays_mail_but_loses_none(vhost: str, start_worker: Cal
         report_duplicates("smtp outage", counts)
         assert set(counts) == set(ids)
         assert queue_depth(vhost, "emails.dead") == 0
+        wait_until(lambda: worker.probe("/readyz") == 200, 10, "readiness once SMTP answers")
     finally:
         proc.terminate()
         proc.wait(timeout=10)

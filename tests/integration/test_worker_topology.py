@@ -25,7 +25,7 @@ def test_declare_is_idempotent_and_a_conflicting_queue_is_reported(vhost: str) -
     first = cli("declare", "--amqp-url", vhost, "--retry-tiers", "1s,5s")
     again = cli("declare", "--amqp-url", vhost, "--retry-tiers", "1s,5s")
     assert first.returncode == again.returncode == 0, first.stderr
-    assert "emails.retry.1s" in first.stdout and "emails.dead" in first.stdout
+    assert "emails.retry.v2.1s" in first.stdout and "emails.dead" in first.stdout
 
     conflicting = cli("declare", "--amqp-url", vhost, "--delivery-limit", "3")
     assert conflicting.returncode == 1

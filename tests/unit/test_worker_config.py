@@ -46,7 +46,7 @@ def test_environment_fills_every_setting(tmp_path: Path) -> None:
     assert (cfg.smtp.host, cfg.smtp.port, cfg.smtp.tls, cfg.smtp.timeout) == ("smtp.example.com", 587, "starttls", 12)
     assert (cfg.smtp.username, cfg.smtp.password) == ("mailer", "p@ss:/word")
     assert cfg.topology.work_queue == "notifications" and cfg.topology.dead_queue == "notifications.dead"
-    assert cfg.topology.retry_queues == ("notifications.retry.5s", "notifications.retry.60s")
+    assert cfg.topology.retry_queues == ("notifications.retry.v2.5s", "notifications.retry.v2.60s")
     assert cfg.topology.retry.max_retries == 3
     assert (cfg.concurrency, cfg.rate_limit, cfg.metrics_port, cfg.grace_seconds) == (8, 50, 9999, 40)
     assert "u:p@" not in repr(cfg) and "p@ss" not in repr(cfg)
@@ -123,13 +123,24 @@ def test_metrics_endpoint_serves_metrics_health_and_readiness() -> None:
 
 
 def test_topology_arguments() -> None:
+    # Every broker-side hop is at least once: quorum queues, at-least-once dead-lettering,
+    # and reject-publish (without it RabbitMQ silently falls back to at-most-once).
     topology = Topology(prefix="emails", retry=RetryPolicy(tiers=(RetryTier(10), RetryTier(60))), delivery_limit=5)
     assert topology.work_queue_arguments() == {
         "x-queue-type": "quorum", "x-delivery-limit": 5, "x-dead-letter-exchange": "emails.dlx",
+        "x-dead-letter-routing-key": "emails.dead", "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish"}
+    # v0.1's arguments, recognised (not re-declared) when the worker meets the old queue.
+    assert topology.legacy_work_queue_arguments() == {
+        "x-queue-type": "quorum", "x-delivery-limit": 5, "x-dead-letter-exchange": "emails.dlx",
         "x-dead-letter-routing-key": "emails.dead"}
-    assert topology.retry_queues == ("emails.retry.10s", "emails.retry.60s")
+    # New names: v0.1's classic tiers (emails.retry.10s) cannot become quorum queues in place.
+    assert topology.retry_queues == ("emails.retry.v2.10s", "emails.retry.v2.60s")
+    assert topology.legacy_retry_queue(RetryTier(10)) == "emails.retry.10s"
     assert topology.retry_queue_arguments(RetryTier(60)) == {
-        "x-message-ttl": 60000, "x-dead-letter-exchange": "emails.dlx", "x-dead-letter-routing-key": "emails"}
+        "x-queue-type": "quorum", "x-message-ttl": 60000, "x-dead-letter-exchange": "emails.dlx",
+        "x-dead-letter-routing-key": "emails", "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish"}
 
 
 @pytest.mark.parametrize("argv, expected", [

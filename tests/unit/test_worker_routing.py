@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from email_worker.routing import (
-    DEAD_EXHAUSTED, DEAD_REJECTED, RetryPolicy, RetryTier, classify_failure, parse_tiers, route_failure,
+    DEAD_EXHAUSTED, DEAD_REJECTED, RetryPolicy, RetryTier, SmtpSessionError, classify_failure, parse_tiers,
+    route_failure,
 )
 
 POLICY = RetryPolicy(tiers=(RetryTier(10), RetryTier(60), RetryTier(600)), max_retries=5)
@@ -23,16 +24,24 @@ POLICY = RetryPolicy(tiers=(RetryTier(10), RetryTier(60), RetryTier(600)), max_r
     (554, "permanent"),                                         # rejected as spam
     (smtplib.SMTPDataError(452, b"out of storage"), "temporary"),
     (smtplib.SMTPDataError(552, b"message too big"), "permanent"),
-    (smtplib.SMTPSenderRefused(553, b"sender rejected", "a@b.c"), "permanent"),
+    # MAIL FROM refused for good is about our sender (relay, SPF), not this email: circuit, not dead.
+    (smtplib.SMTPSenderRefused(553, b"sender rejected", "a@b.c"), "sender"),
+    (smtplib.SMTPSenderRefused(451, b"try later", "a@b.c"), "temporary"),
     (smtplib.SMTPRecipientsRefused({"a@b.c": (550, b"no"), "d@e.f": (551, b"no")}), "permanent"),
     (smtplib.SMTPRecipientsRefused({"a@b.c": (550, b"no"), "d@e.f": (450, b"busy")}), "temporary"),
     (smtplib.SMTPServerDisconnected("gone"), "temporary"),
     (ConnectionRefusedError(111, "refused"), "temporary"),
     (socket.timeout("timed out"), "temporary"),
     # Our own credentials or HELO being refused is never the message's fault: do not dead-letter.
-    (smtplib.SMTPAuthenticationError(535, b"bad credentials"), "temporary"),
-    (smtplib.SMTPHeloError(501, b"bad helo"), "temporary"),
-    (smtplib.SMTPConnectError(554, b"go away"), "temporary"),
+    (smtplib.SMTPAuthenticationError(535, b"bad credentials"), "sender"),
+    (smtplib.SMTPHeloError(501, b"bad helo"), "sender"),
+    (smtplib.SMTPConnectError(554, b"go away"), "sender"),
+    # Anything failing while the session opens (connect, EHLO, STARTTLS, AUTH) is sender-side.
+    (SmtpSessionError("connect", ConnectionRefusedError(111, "refused")), "sender"),
+    (SmtpSessionError("STARTTLS", smtplib.SMTPNotSupportedError("STARTTLS not offered")), "sender"),
+    (SmtpSessionError("AUTH", smtplib.SMTPAuthenticationError(535, b"bad")), "sender"),
+    # Mid-transaction: per message. SMTPUTF8 missing is about this email's addresses.
+    (smtplib.SMTPNotSupportedError("SMTPUTF8 not supported"), "temporary"),
     (RuntimeError("bug"), "temporary"),                         # bounded by max_retries, never lost
 ])
 def test_classification(failure: int | BaseException, expected: str) -> None:
@@ -68,6 +77,26 @@ def test_routing_invariants(attempts: int, code: int, max_retries: int) -> None:
     else:
         assert route.dead_reason in (DEAD_REJECTED, DEAD_EXHAUSTED)
         assert code >= 500 or route.attempts > max_retries
+
+
+@pytest.mark.parametrize("failure", [
+    smtplib.SMTPSenderRefused(550, b"5.7.1 sender not allowed to relay", "app@example.com"),
+    SmtpSessionError("AUTH", smtplib.SMTPAuthenticationError(535, b"5.7.8 bad credentials")),
+    SmtpSessionError("connect", OSError(101, "network unreachable")),
+])
+def test_sender_side_failures_go_back_to_work_without_costing_an_attempt(failure: BaseException) -> None:
+    # A relay misconfiguration must not dead-letter the queue at full speed, nor walk the
+    # job through its retry budget: the job goes back as it was, the circuit pauses the worker.
+    for attempts in (0, 3, 50):
+        route = route_failure(attempts, failure, POLICY)
+        assert (route.action, route.attempts, route.dead_reason, route.tier) == ("requeue", attempts, None, None)
+        assert route.failure.failure_class == "sender"
+
+
+def test_per_recipient_and_data_5xx_stay_permanent() -> None:
+    refused = smtplib.SMTPRecipientsRefused({"a@b.c": (550, b"5.1.1 no such user")})
+    assert route_failure(0, refused, POLICY).dead_reason == DEAD_REJECTED
+    assert route_failure(0, smtplib.SMTPDataError(554, b"5.7.1 spam"), POLICY).dead_reason == DEAD_REJECTED
 
 
 def test_parse_tiers_units_and_errors() -> None:

@@ -18,7 +18,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from email_worker.message import parse_message
-from email_worker.routing import classify_failure
+from email_worker.routing import SmtpSessionError, classify_failure
 from email_worker.smtp import SmtpConfig, SmtpSender
 
 
@@ -103,9 +103,10 @@ def test_unreachable_server_raises_and_backs_off() -> None:
         port = sock.getsockname()[1]
     sender = SmtpSender(SmtpConfig(host="127.0.0.1", port=port, timeout=2), backoff_initial=5, backoff_max=60)
     assert sender.ready_in() == 0
-    with pytest.raises(OSError) as caught:
+    with pytest.raises(SmtpSessionError) as caught:
         sender.send(job(1))
-    assert classify_failure(caught.value).failure_class == "temporary"
+    assert isinstance(caught.value.cause, ConnectionRefusedError) and caught.value.stage == "connect"
+    assert classify_failure(caught.value).failure_class == "sender"  # the circuit, never the dead queue
     assert 4 < sender.ready_in() <= 5  # the sender thread waits this long before the next job
 
 
@@ -113,8 +114,9 @@ def test_starttls_required_but_not_offered_is_an_error_not_a_plaintext_fallback(
         server: tuple[Controller, Handler]) -> None:
     controller, handler = server
     sender = SmtpSender(SmtpConfig(host="127.0.0.1", port=controller.port, tls="starttls", timeout=5))
-    with pytest.raises(smtplib.SMTPNotSupportedError):
+    with pytest.raises(SmtpSessionError) as caught:
         sender.send(job(1))
+    assert isinstance(caught.value.cause, smtplib.SMTPNotSupportedError) and caught.value.stage == "STARTTLS"
     assert handler.received == []
 
 
@@ -162,13 +164,16 @@ def test_starttls_with_auth_delivers_and_verifies_the_certificate(certificate: t
         SmtpSender(good).send(job(1))
         assert len(handler.received) == 1
 
-        with pytest.raises(smtplib.SMTPAuthenticationError) as wrong_password:
+        with pytest.raises(SmtpSessionError) as wrong_password:
             SmtpSender(SmtpConfig(**{**good.__dict__, "password": "nope"})).send(job(2))
+        assert isinstance(wrong_password.value.cause, smtplib.SMTPAuthenticationError)
         # Our credentials being wrong must not dead-letter customer mail.
-        assert classify_failure(wrong_password.value).failure_class == "temporary"
+        assert classify_failure(wrong_password.value).failure_class == "sender"
 
-        with pytest.raises(ssl.SSLError):  # unknown CA: verification is on by default
+        with pytest.raises(SmtpSessionError) as bad_ca:  # unknown CA: verification is on by default
             SmtpSender(SmtpConfig(**{**good.__dict__, "ca_file": None})).send(job(3))
+        assert isinstance(bad_ca.value.cause, ssl.SSLError)
+        assert classify_failure(bad_ca.value).failure_class == "sender"
         assert len(handler.received) == 1
     finally:
         controller.stop()

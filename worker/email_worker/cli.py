@@ -2,7 +2,8 @@
 
 Every `run` flag falls back to an environment variable (the Kubernetes way), and secrets
 can come from files (`SMTP_PASSWORD_FILE`, `AMQP_URL_FILE`) mounted from a Secret.
-Exit codes: 0 ok, 1 runtime failure (e.g. rejected jobs on publish), 2 bad configuration.
+Exit codes: 0 ok, 1 runtime failure (e.g. rejected jobs on publish), 2 bad configuration,
+3 `declare` found the work queue with v0.1 arguments (kept as it is; see docs/message-contract.md).
 """
 from __future__ import annotations
 
@@ -117,6 +118,13 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                      help="/metrics, /healthz, /readyz; 0 = any free port, -1 = off (env METRICS_PORT)")
     run.add_argument("--grace-seconds", type=float, default=float(_env(env, "GRACE_SECONDS", "25") or 25),
                      help="on SIGTERM, time for in-flight sends before requeueing the rest (env GRACE_SECONDS)")
+    run.add_argument("--circuit-initial-seconds", type=float,
+                     default=float(_env(env, "CIRCUIT_INITIAL_SECONDS", "5") or 5),
+                     help="pause after a sender-side SMTP failure (MAIL FROM 5xx, AUTH, TLS, HELO, connect); "
+                          "doubles per failed probe (env CIRCUIT_INITIAL_SECONDS, default %(default)s)")
+    run.add_argument("--circuit-max-seconds", type=float,
+                     default=float(_env(env, "CIRCUIT_MAX_SECONDS", "300") or 300),
+                     help="longest such pause (env CIRCUIT_MAX_SECONDS, default %(default)s)")
     run.add_argument("--heartbeat-seconds", type=int, default=int(_env(env, "HEARTBEAT_SECONDS", "30") or 30))
     run.add_argument("--no-declare", action="store_true", help="do not declare the topology at start-up")
 
@@ -149,6 +157,7 @@ def worker_config(args: argparse.Namespace, env: Mapping[str, str]) -> Any:
             prefetch=args.prefetch or None, rate_limit=args.rate_limit, rate_burst=args.rate_burst, metrics_host=args.metrics_host,
             metrics_port=None if args.metrics_port < 0 else args.metrics_port, grace_seconds=args.grace_seconds,
             heartbeat_seconds=args.heartbeat_seconds, declare_topology=not args.no_declare,
+            circuit_initial_seconds=args.circuit_initial_seconds, circuit_max_seconds=args.circuit_max_seconds,
             parse=ParseOptions(max_body_bytes=args.max_body_bytes, default_from=args.default_from))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -240,7 +249,7 @@ def cmd_declare(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         print(f"error: cannot connect to {redact_url(url)}: {type(exc).__name__}", file=sys.stderr)
         return 1
     try:
-        declare(connection.channel(), topology)
+        declared = declare(connection.channel(), topology)
     except TopologyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -249,6 +258,15 @@ def cmd_declare(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             connection.close()
     queues = [topology.work_queue, *topology.retry_queues, topology.dead_queue]
     print(f"declared {', '.join(queues)} and exchange {topology.dead_letter_exchange}")
+    for name in declared.deleted_legacy_queues:
+        print(f"deleted empty v0.1 retry tier {name}")
+    for name, count in declared.legacy_retry_queues.items():
+        print(f"v0.1 retry tier {name} still holds {count} message(s); it drains into {topology.work_queue} "
+              "by its TTL: run declare again later to delete it")
+    if declared.legacy_work_queue:
+        print(f"warning: {topology.work_queue} has v0.1 arguments (at-most-once dead-lettering); see "
+              "docs/message-contract.md#migrating-from-v01", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Label sets are small and fixed: failure class, retry tier name, dead-letter reason.
 Liveness (/healthz) means the consume loop is still turning; readiness (/readyz) means
-connected to the broker and consuming.
+connected to the broker and consuming (not while the SMTP circuit is open).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from email_worker.routing import DEAD_REASONS
 
-FAILURE_CLASSES = ("temporary", "permanent", "invalid")
+FAILURE_CLASSES = ("temporary", "permanent", "sender", "invalid")
 _SEND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _QUEUE_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
 
@@ -42,6 +42,17 @@ class WorkerMetrics:
                                registry=r)
         self.broker_connected = Gauge("emailworker_broker_connected", "1 while connected and consuming.", registry=r)
         self.smtp_reconnects = Counter("emailworker_smtp_connects", "SMTP connections opened.", registry=r)
+        self.circuit_open = Gauge("emailworker_smtp_circuit_open",
+                                  "1 while sender-side SMTP failures (MAIL FROM 5xx, AUTH, TLS, HELO, connect) "
+                                  "keep consumption paused.", registry=r)
+        self.circuit_trips = Counter("emailworker_smtp_circuit_trips",
+                                     "Times the SMTP circuit opened (or re-opened after a failed probe).", registry=r)
+        self.drain_requeued = Counter("emailworker_emails_drain_requeued",
+                                      "Unsent deliveries handed back on a drain or circuit pause as fresh copies "
+                                      "(not counted against the delivery limit).", registry=r)
+        self.legacy_topology = Gauge("emailworker_legacy_topology",
+                                     "1 while the work queue still has v0.1's arguments (at-most-once "
+                                     "dead-lettering): see docs/message-contract.md#migrating-from-v01.", registry=r)
         # Pre-create label children so dashboards see zeros instead of missing series.
         for cls in FAILURE_CLASSES:
             self.failed.labels(cls)
@@ -60,6 +71,8 @@ class Health:
 
     liveness_timeout: float = 60.0
     ready: bool = False
+    reason: str = "not consuming"
+    """Why not ready, for the /readyz body."""
     last_tick: float = field(default_factory=time.monotonic)
 
     def tick(self) -> None:
@@ -92,7 +105,7 @@ def serve_http(metrics: WorkerMetrics, health: Health, host: str, port: int) -> 
                 self._reply(200 if ok else 503, b"ok\n" if ok else b"consume loop stalled\n")
             elif path == "/readyz":
                 ok = health.ready
-                self._reply(200 if ok else 503, b"ready\n" if ok else b"not consuming\n")
+                self._reply(200 if ok else 503, b"ready\n" if ok else health.reason.encode() + b"\n")
             else:
                 self._reply(404, b"not found\n")
 

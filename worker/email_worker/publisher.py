@@ -6,6 +6,12 @@ when missing, and publishes it persistent (delivery_mode 2) with `message_id`,
 `timestamp` and content type set, in confirm mode: it returns only after the broker has
 the message, and raises `PublishError` otherwise. One connection per Publisher (not
 thread-safe; one per thread). A dropped connection is re-opened once per publish.
+
+A nack is never silent: the work queue is declared with `x-overflow: reject-publish`, so
+a full queue (a `max-length` policy) or a broker that cannot store the message answers
+with a nack. The publisher retries a nack `nack_retries` times with a doubling pause
+(`nack_backoff` first), then raises `PublishError` (`QueueFullError` subclass), so the
+application knows the email was not enqueued.
 """
 from __future__ import annotations
 
@@ -33,11 +39,19 @@ class PublishError(RuntimeError):
     """The broker did not take the message (unroutable, nacked, or unreachable)."""
 
 
+class QueueFullError(PublishError):
+    """The broker nacked the message every time (reject-publish: queue at its length limit)."""
+
+
 class Publisher:
     def __init__(self, amqp_url: str, queue: str = DEFAULT_PREFIX, *, validate: bool = True,
                  parse_options: ParseOptions = DEFAULT_OPTIONS, declare_topology: Topology | None = None,
-                 app_id: str = "email-worker-publisher") -> None:
+                 app_id: str = "email-worker-publisher", nack_retries: int = 3, nack_backoff: float = 0.2) -> None:
         """`queue` is the work queue (the topology prefix). `declare_topology` declares it first."""
+        if nack_retries < 0 or nack_backoff < 0:
+            raise ValueError("nack_retries and nack_backoff must be >= 0")
+        self.nack_retries = nack_retries
+        self.nack_backoff = nack_backoff
         self.amqp_url = amqp_url
         self.queue = queue
         self.validate = validate
@@ -109,7 +123,8 @@ class Publisher:
         return self._channel
 
     def _publish_confirmed(self, body: bytes, properties: pika.BasicProperties) -> None:
-        for attempt in (1, 2):
+        attempt, nacks = 1, 0
+        while True:
             channel = self._open()
             try:
                 channel.basic_publish("", self.queue, body, properties, mandatory=True)
@@ -117,10 +132,19 @@ class Publisher:
             except pika.exceptions.UnroutableError:
                 raise PublishError(f"queue {self.queue!r} does not exist (run `email-worker declare`)") from None
             except pika.exceptions.NackError:
-                raise PublishError("broker refused the message (nack)") from None
+                nacks += 1
+                if nacks > self.nack_retries:
+                    raise QueueFullError(
+                        f"broker refused the message {nacks} times (nack): queue {self.queue!r} is full "
+                        "(x-overflow reject-publish) or cannot store it; it was NOT enqueued") from None
+                delay = self.nack_backoff * 2 ** (nacks - 1)
+                log.warning("broker nacked the message; retrying", extra={"fields": {
+                    "queue": self.queue, "nacks": nacks, "retry_in_seconds": delay}})
+                self._connection.sleep(delay)
             except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError,
                     pika.exceptions.ConnectionWrongStateError, OSError) as exc:
                 self.close()
                 if attempt == 2:
                     raise PublishError(f"publish failed: {type(exc).__name__} {redact_text(str(exc))}") from None
+                attempt += 1
                 log.warning("publisher connection lost; reconnecting once")

@@ -1,8 +1,16 @@
-"""What happens to a job whose send failed: which retry tier, or the dead queue, and why.
+"""What happens to a job whose send failed: which retry tier, the dead queue, or back to work.
 
 Pure: `classify_failure` turns an SMTP reply code or an exception from smtplib/socket into
 a `Failure`; `route_failure` combines it with the job's attempt count and the `RetryPolicy`
 into a `Route`. The worker executes the route (publish with confirms, then ack).
+
+Three classes: *permanent* (a 5xx about this message or its recipients: RCPT TO, DATA),
+*temporary* (4xx, disconnects mid-transaction, timeouts: retry tiers), and *sender* — a
+failure that is about our side of the session, not about the email: MAIL FROM refused with
+a 5xx (relay or SPF misconfiguration), AUTH, HELO, TLS, or the connection itself. A
+sender failure says nothing about the job, so it costs the job no attempt and never
+dead-letters it: the job goes back to the work queue and the worker's circuit breaker
+pauses consumption (`circuit.py`).
 """
 from __future__ import annotations
 
@@ -10,8 +18,8 @@ import smtplib
 from dataclasses import dataclass
 from typing import Literal
 
-FailureClass = Literal["temporary", "permanent"]
-Action = Literal["retry", "dead"]
+FailureClass = Literal["temporary", "permanent", "sender"]
+Action = Literal["retry", "dead", "requeue"]
 
 # Dead-letter reasons are a metric label: keep this set small and fixed.
 DEAD_INVALID = "invalid"        # the body breaks the message contract
@@ -74,6 +82,7 @@ class Failure:
 @dataclass(frozen=True)
 class Route:
     action: Action
+    """retry: next tier; dead: dead queue; requeue: back to the work queue, no attempt counted."""
     failure: Failure
     attempts: int
     """Failure count including this one (goes into the x-attempts header on retry)."""
@@ -81,12 +90,37 @@ class Route:
     dead_reason: str | None = None
 
 
+class SmtpSessionError(OSError):
+    """Opening the SMTP session failed (connect, greeting, EHLO, STARTTLS/TLS, AUTH).
+
+    Raised by `smtp.SmtpSender` with the original exception as `__cause__` and in `cause`,
+    so classification knows the failure happened before any message was involved.
+    """
+
+    def __init__(self, stage: str, cause: BaseException) -> None:
+        super().__init__(f"{stage}: {type(cause).__name__}: {cause}")
+        self.stage = stage
+        self.cause = cause
+
+
 def classify_failure(failure: int | BaseException) -> Failure:
-    """4xx, disconnects, timeouts and refused connections are temporary; a 5xx reply is permanent."""
+    """Sender-side (session, MAIL FROM 5xx) is "sender"; other 5xx replies are permanent;
+    4xx, disconnects and timeouts mid-transaction are temporary."""
     if isinstance(failure, bool):
         raise TypeError("failure must be an SMTP code or an exception")
     if isinstance(failure, int):
         return _by_code(failure, f"smtp {failure}")
+    if isinstance(failure, SmtpSessionError):
+        cause = failure.cause
+        code = getattr(cause, "smtp_code", None)
+        text = _reply_text(cause) if isinstance(cause, smtplib.SMTPResponseException) else _one_line(str(cause))
+        return Failure("sender", _one_line(f"{failure.stage} failed: {type(cause).__name__} "
+                                           f"{code if code is not None else ''} {text}"), code)
+    if isinstance(failure, smtplib.SMTPSenderRefused) and 500 <= failure.smtp_code < 600:
+        # MAIL FROM refused for good: the relay does not accept our sender (SPF, relay
+        # rights, account suspended). Every other email would fail the same way.
+        return Failure("sender", _one_line(f"MAIL FROM refused {failure.smtp_code} {_reply_text(failure)}"),
+                       failure.smtp_code)
     if isinstance(failure, smtplib.SMTPRecipientsRefused):
         codes = sorted({code for code, _ in failure.recipients.values()})
         # Retry if any recipient might succeed later; only an all-5xx refusal is final.
@@ -94,9 +128,10 @@ def classify_failure(failure: int | BaseException) -> Failure:
         return Failure("permanent" if permanent else "temporary",
                        f"all recipients refused ({', '.join(str(c) for c in codes)})", codes[0] if codes else None)
     if isinstance(failure, (smtplib.SMTPAuthenticationError, smtplib.SMTPConnectError, smtplib.SMTPHeloError)):
-        # Our credentials, the server's greeting or our HELO: not this message's fault, so
-        # never dead-letter mail because of them; retry and let the logs/alerts shout.
-        return Failure("temporary", f"{type(failure).__name__} {failure.smtp_code}", failure.smtp_code)
+        # Our credentials, the server's greeting or our HELO: not this message's
+        # fault, so never dead-letter mail because of them; pause and let the alerts shout.
+        return Failure("sender", f"{type(failure).__name__} {getattr(failure, 'smtp_code', '')}".strip(),
+                       getattr(failure, "smtp_code", None))
     if isinstance(failure, smtplib.SMTPResponseException):
         return _by_code(failure.smtp_code, f"{type(failure).__name__} {failure.smtp_code} {_reply_text(failure)}")
     if isinstance(failure, (smtplib.SMTPException, OSError, TimeoutError)):
@@ -109,6 +144,8 @@ def route_failure(attempts: int, failure: int | BaseException,
                   policy: RetryPolicy = RetryPolicy()) -> Route:
     """Decide where a failed job goes. `attempts` = failures before this one."""
     classified = classify_failure(failure)
+    if classified.failure_class == "sender":
+        return Route("requeue", classified, max(attempts, 0))
     total = max(attempts, 0) + 1
     if classified.failure_class == "permanent":
         return Route("dead", classified, total, dead_reason=DEAD_REJECTED)

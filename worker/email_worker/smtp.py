@@ -1,7 +1,9 @@
 """SMTP delivery over one reused connection per sender thread.
 
 `SmtpSender.send(job)` returns only after the server's 250 for the DATA; any failure is
-raised as the smtplib/socket exception so `routing.route_failure` can classify it. The
+raised as the smtplib/socket exception so `routing.route_failure` can classify it. A
+failure while opening the session (connect, greeting, EHLO, STARTTLS, AUTH) is raised as
+`routing.SmtpSessionError` wrapping it: it is about our side, never about the email. The
 connection is opened lazily, kept across messages, re-opened with backoff when it breaks,
 and a send that fails because an idle, reused connection had been closed by the server is
 retried once on a fresh connection (that failure says nothing about the message).
@@ -18,6 +20,7 @@ from email.message import Message
 from typing import Literal
 
 from email_worker.message import EmailJob, build_email
+from email_worker.routing import SmtpSessionError
 
 TlsMode = Literal["none", "starttls", "tls"]
 
@@ -116,21 +119,31 @@ class SmtpSender:
 
     def _connect(self) -> smtplib.SMTP:
         cfg = self.config
-        context = self._tls_context() if cfg.tls != "none" else None
-        smtp: smtplib.SMTP
-        if cfg.tls == "tls":
-            smtp = smtplib.SMTP_SSL(cfg.host, cfg.port, local_hostname=cfg.local_hostname, timeout=cfg.timeout,
-                                    context=context)
-        else:
-            smtp = smtplib.SMTP(cfg.host, cfg.port, local_hostname=cfg.local_hostname, timeout=cfg.timeout)
+        stage = "connect"
         try:
+            context = self._tls_context() if cfg.tls != "none" else None
+            smtp: smtplib.SMTP
+            if cfg.tls == "tls":
+                smtp = smtplib.SMTP_SSL(cfg.host, cfg.port, local_hostname=cfg.local_hostname, timeout=cfg.timeout,
+                                        context=context)
+            else:
+                smtp = smtplib.SMTP(cfg.host, cfg.port, local_hostname=cfg.local_hostname, timeout=cfg.timeout)
+        except Exception as exc:
+            raise SmtpSessionError(stage, exc) from exc
+        try:
+            stage = "EHLO"
             smtp.ehlo()
             if cfg.tls == "starttls":
                 # starttls() raises SMTPNotSupportedError when not offered: never fall back to plain.
+                stage = "STARTTLS"
                 smtp.starttls(context=context)
                 smtp.ehlo()
             if cfg.username:
+                stage = "AUTH"
                 smtp.login(cfg.username, cfg.password or "")
+        except Exception as exc:
+            _quietly_close(smtp)
+            raise SmtpSessionError(stage, exc) from exc
         except BaseException:
             _quietly_close(smtp)
             raise

@@ -9,9 +9,23 @@ Settling rules: ack only after the server's 250. A temporary failure is publishe
 next retry tier (with confirms) and THEN acked; a permanent failure, an invalid body or
 exhausted retries go to the dead queue with the reason in `x-death-reason`, then ack.
 If that publish fails the original is nacked back to the queue, so nothing is dropped.
-On stop (SIGTERM) the consumer is cancelled, deliveries not yet started are requeued,
-sends in progress get `grace_seconds` to finish and be acked; whatever is left is
-requeued. A lost broker connection is re-established with capped exponential backoff;
+
+Drains do not spend the poison budget. On quorum queues (3.10, 4.0) every requeue counts
+towards `x-delivery-limit`, so a delivery the worker gives back unsent (stop, circuit
+pause) is *handed back*: a fresh copy is published to the work queue with confirms, then
+the original is acked; the copy starts with a delivery count of 0. On stop (SIGTERM) the
+worker withholds acks for a moment so the broker has nothing more in flight, cancels the
+consumer, and lets the sender threads finish everything already prefetched within
+`grace_seconds`; what has not started by then is handed back, and only a send still in
+progress at the deadline is nacked (it was attempted: that one counts); during a drain a
+send is not begun when the smoothed send time says it would end after the deadline.
+
+Sender-side SMTP failures (MAIL FROM 5xx, AUTH, TLS, HELO, connect) open a circuit
+breaker (`circuit.py`): the job is handed back, consumption pauses (consumer cancelled,
+not ready, `emailworker_smtp_circuit_open` 1) and resumes after a doubling delay; nothing
+is dead-lettered for them.
+
+A lost broker connection is re-established with capped exponential backoff;
 deliveries of the dead connection are redelivered by the broker (duplicates are possible,
 recognisable by Message-ID, and are the price of never losing mail).
 """
@@ -33,6 +47,7 @@ import pika
 import pika.exceptions
 import pika.spec
 
+from email_worker.circuit import CircuitBreaker
 from email_worker.logs import redact_text, redact_url
 from email_worker.message import (
     ATTEMPTS_HEADER, DEFAULT_OPTIONS, ENVELOPE_HEADER, EmailJob, InvalidMessage, ParseOptions, parse_message,
@@ -48,6 +63,8 @@ log = logging.getLogger("email_worker.worker")
 DEATH_REASON_HEADER = "x-death-reason"
 DEATH_DETAIL_HEADER = "x-death-detail"
 LAST_ERROR_HEADER = "x-last-error"
+SENDER_FAILURES_HEADER = "x-sender-failures"
+"""Sender-side failures this job has met (they cost it no attempt); informational."""
 
 # Errors that mean "this connection is gone": reconnect, the broker redelivers unacked work.
 _CONNECTION_ERRORS = (
@@ -83,6 +100,13 @@ class WorkerConfig:
     broker_backoff_max: float = 30.0
     parse: ParseOptions = DEFAULT_OPTIONS
     declare_topology: bool = True
+    circuit_initial_seconds: float = 5.0
+    """Consumption pause after a sender-side SMTP failure; doubles per failed probe."""
+    circuit_max_seconds: float = 300.0
+    settle_hold_seconds: float = 0.2
+    """Before cancelling the consumer, acks are withheld this long so deliveries the broker
+    already sent arrive and are kept (pika rejects, i.e. requeues and counts, any that
+    arrive after the cancel)."""
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -93,6 +117,8 @@ class WorkerConfig:
             raise ValueError("grace_seconds must be >= 0")
         if self.rate_limit < 0:
             raise ValueError("rate_limit must be >= 0")
+        if not 0 < self.circuit_initial_seconds <= self.circuit_max_seconds:
+            raise ValueError("circuit delays need 0 < initial <= max")
 
     def __repr__(self) -> str:
         return f"WorkerConfig(amqp_url={redact_url(self.amqp_url)!r}, smtp={self.smtp!r}, ...)"
@@ -106,6 +132,8 @@ class _Delivery:
     properties: pika.spec.BasicProperties
     body: bytes
     job: EmailJob
+    started: bool = False
+    """Set by the sender thread (under Worker._start_lock) just before the SMTP transaction."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +150,7 @@ class _Failed:
 
 @dataclass(frozen=True)
 class _NotStarted:
-    """Taken off the local queue after stop was requested: goes back to the broker."""
+    """Not attempted (drain deadline, circuit open): handed back to the work queue uncounted."""
 
 
 _Outcome = _Sent | _Failed | _NotStarted
@@ -146,6 +174,14 @@ class Worker:
         self.counters = _Counters()
         self.metrics_port: int | None = None
         self._stop = threading.Event()
+        self._abort = threading.Event()    # drain deadline passed: senders start nothing more
+        self._paused = threading.Event()   # circuit open: senders hand deliveries back
+        self._start_lock = threading.Lock()
+        self._circuit = CircuitBreaker(config.circuit_initial_seconds, config.circuit_max_seconds)
+        self._holding: list[tuple[int, bool]] | None = None  # settlements withheld around a cancel
+        self._consumer_tag: str | None = None  # main thread only
+        self._send_estimate = 0.0              # smoothed SMTP transaction time (main thread writes)
+        self._drain_deadline: float | None = None
         self._jobs: queue.Queue[_Delivery | None] = queue.Queue()
         self._bucket = TokenBucket(config.rate_limit, max(1.0, config.rate_burst))
         self._bucket_lock = threading.Lock()
@@ -160,6 +196,10 @@ class Worker:
     def stop(self) -> None:
         """Request a graceful stop; safe from signal handlers and other threads."""
         self._stop.set()
+
+    @property
+    def circuit(self) -> CircuitBreaker:
+        return self._circuit
 
     def run(self) -> int:
         """Consume until stop(); returns the process exit code."""
@@ -206,6 +246,7 @@ class Worker:
                     self._stop.wait(self._backoff(failures))
         finally:
             self.health.ready = False
+            self._abort.set()
             self.metrics.broker_connected.set(0)
             for _ in self._senders:
                 self._jobs.put(None)
@@ -259,50 +300,97 @@ class Worker:
         channel = connection.channel()
         channel.confirm_delivery()
         if cfg.declare_topology:
-            declare(channel, cfg.topology)
+            self._report_topology(declare(channel, cfg.topology))
         prefetch = cfg.prefetch or cfg.concurrency
         channel.basic_qos(prefetch_count=prefetch)
         self._channel = channel
-        consumer_tag = channel.basic_consume(cfg.topology.work_queue, self._on_message)
-        self.health.ready = True
+        self._consumer_tag = None
+        self._holding = None
         self.metrics.broker_connected.set(1)
-        log.info("consuming", extra={"fields": {"queue": cfg.topology.work_queue, "prefetch": prefetch}})
         while not self._stop.is_set():
-            connection.process_data_events(time_limit=0.5)
+            now = time.monotonic()
+            state = self._circuit.state(now)
+            if self._consumer_tag is None and state != "open":
+                self._paused.clear()
+                self._consumer_tag = channel.basic_consume(cfg.topology.work_queue, self._on_message)
+                log.info("consuming", extra={"fields": {"queue": cfg.topology.work_queue, "prefetch": prefetch,
+                                                        "circuit": state}})
+            elif self._consumer_tag is not None and state == "open":
+                self._cancel_consumer(connection, channel)
+                log.warning("SMTP circuit open: consumption paused", extra={"fields": {
+                    "retry_in_seconds": round(self._circuit.retry_in(now), 2), "trips": self._circuit.trips}})
+            self._set_readiness(self._consumer_tag is not None)
+            connection.process_data_events(time_limit=0.5 if self._consumer_tag else min(0.5, max(
+                0.01, self._circuit.retry_in(time.monotonic()))))
             self.health.tick()
-            if consumer_tag not in channel.consumer_tags:
+            if self._consumer_tag is not None and self._consumer_tag not in channel.consumer_tags:
                 raise pika.exceptions.ChannelWrongStateError("consumer cancelled by the broker (queue deleted?)")
-        self._drain(connection, channel, consumer_tag)
+        self._drain(connection, channel)
 
-    def _drain(self, connection: Any, channel: Any, consumer_tag: str) -> None:
-        """Graceful stop: no new deliveries, requeue unstarted ones, let sends finish, close."""
+    def _set_readiness(self, consuming: bool) -> None:
+        circuit_open = self._circuit.opened_at is not None
+        self.metrics.circuit_open.set(1 if circuit_open else 0)
+        self.health.ready = consuming and not circuit_open
+        self.health.reason = "smtp circuit open" if circuit_open else "not consuming"
+
+    def _report_topology(self, declared: Any) -> None:
+        self.metrics.legacy_topology.set(1 if declared.legacy_work_queue else 0)
+        topology = self.config.topology
+        if declared.legacy_work_queue:
+            log.error("work queue has v0.1 arguments: dead-lettering stays at-most-once until it is migrated; "
+                      "consuming it anyway", extra={"fields": {
+                          "queue": topology.work_queue, "missing": ["x-dead-letter-strategy=at-least-once",
+                                                                    "x-overflow=reject-publish"],
+                          "see": "docs/message-contract.md#migrating-from-v01"}})
+        for name, count in declared.legacy_retry_queues.items():
+            log.info("v0.1 retry tier still draining into the work queue", extra={"fields": {
+                "queue": name, "messages": count}})
+        for name in declared.deleted_legacy_queues:
+            log.info("deleted empty v0.1 retry tier", extra={"fields": {"queue": name}})
+
+    def _cancel_consumer(self, connection: Any, channel: Any) -> None:
+        """Stop deliveries without requeueing any: withhold settlements (so the broker gets no
+        new credit), take in what it already sent, cancel, then settle what was withheld."""
+        if self._consumer_tag is None:
+            return
+        if self._holding is None:
+            self._holding = []
+        try:
+            connection.process_data_events(time_limit=self.config.settle_hold_seconds)
+            channel.basic_cancel(self._consumer_tag)
+            self._consumer_tag = None
+        finally:
+            held, self._holding = self._holding, None
+            for tag, ack in held:
+                if ack:
+                    channel.basic_ack(tag)
+                else:
+                    channel.basic_nack(tag, requeue=True)
+
+    def _drain(self, connection: Any, channel: Any) -> None:
+        """Graceful stop: no new deliveries, finish what is held, hand back the rest, close."""
         self.health.ready = False
+        self.health.reason = "stopping"
         log.info("stopping: draining in-flight sends", extra={"fields": {
             "in_flight": len(self._in_flight), "grace_seconds": self.config.grace_seconds}})
-        channel.basic_cancel(consumer_tag)  # pika nacks (requeue) anything prefetched but undispatched
-        self._requeue_unstarted()
+        self._cancel_consumer(connection, channel)
         deadline = time.monotonic() + self.config.grace_seconds
+        self._drain_deadline = deadline  # senders start no send they cannot finish by then
         while self._in_flight and time.monotonic() < deadline:
             connection.process_data_events(time_limit=min(0.2, max(0.0, deadline - time.monotonic())))
-            self._requeue_unstarted()
+        with self._start_lock:
+            self._abort.set()  # from here on no sender starts a transaction
+        connection.process_data_events(time_limit=0)  # settle results that arrived meanwhile
         for delivery in list(self._in_flight.values()):
-            # Still sending after the grace period: return it; a late 250 makes it a duplicate, not a loss.
-            self._nack(delivery, "grace period over")
+            if delivery.started:
+                # Still sending after the grace period: return it (counted: it was attempted);
+                # a late 250 makes it a duplicate, not a loss.
+                self._nack(delivery, "grace period over")
+            else:
+                self._hand_back(delivery, "stopping")
         self._generation += 1  # late results from sender threads must not touch the closed channel
         self.metrics.broker_connected.set(0)
         _close_quietly(connection)
-
-    def _requeue_unstarted(self) -> None:
-        while True:
-            try:
-                delivery = self._jobs.get_nowait()
-            except queue.Empty:
-                return
-            if delivery is None:  # not ours to swallow
-                self._jobs.put(None)
-                return
-            if delivery.generation == self._generation:
-                self._nack(delivery, "stopping")
 
     def _connection_lost(self, connection: Any, exc: BaseException) -> None:
         self.health.ready = False
@@ -351,9 +439,12 @@ class Worker:
             return  # channel gone since: the broker has requeued it
         job = delivery.job
         if isinstance(outcome, _NotStarted):
-            self._nack(delivery, "stopping")
+            self._hand_back(delivery, "circuit open" if self._paused.is_set() else "stopping")
             return
         if isinstance(outcome, _Sent):
+            self._circuit_closed()
+            self._send_estimate = outcome.seconds if not self._send_estimate else \
+                0.8 * self._send_estimate + 0.2 * outcome.seconds
             if outcome.refused and not self._park_refused(delivery, outcome.refused):
                 self._nack(delivery, "publish failed")
                 return
@@ -369,10 +460,42 @@ class Worker:
                                                     "seconds": round(outcome.seconds, 4)}})
             return
         route = route_failure(job.attempts, outcome.error, self.config.topology.retry)
+        if route.action == "requeue":
+            self._circuit_failure(delivery, route)
+            return
+        if route.failure.failure_class == "permanent":
+            self._circuit_closed()  # MAIL FROM passed: the relay works, this email is the problem
         if self._route(delivery, route):
             self._ack(delivery)
         else:
             self._nack(delivery, "publish failed")
+
+    def _circuit_failure(self, delivery: _Delivery, route: Route) -> None:
+        """A sender-side failure: open (or keep open) the circuit and hand the job back uncounted."""
+        now = time.monotonic()
+        before = self._circuit
+        self._circuit = self._circuit.failure(now)
+        self._paused.set()
+        if self._consumer_tag is not None and self._holding is None:
+            self._holding = []  # no new credit for the broker until the consume loop cancels
+        self.metrics.failed.labels("sender").inc()
+        self._set_readiness(consuming=False)
+        if self._circuit is not before:
+            self.metrics.circuit_trips.inc()
+            log.error("sender-side SMTP failure: pausing consumption, dead-lettering nothing", extra={"fields": {
+                "job_id": delivery.job.id, "error": redact_text(route.failure.detail), "code": route.failure.code,
+                "pause_seconds": round(self._circuit.delay, 2), "trips": self._circuit.trips}})
+        headers = dict(delivery.properties.headers or {})
+        headers[SENDER_FAILURES_HEADER] = _int(headers.get(SENDER_FAILURES_HEADER)) + 1
+        headers[LAST_ERROR_HEADER] = redact_text(route.failure.detail)
+        self._hand_back(delivery, "sender-side failure", headers)
+
+    def _circuit_closed(self) -> None:
+        if self._circuit.opened_at is not None:
+            log.info("SMTP circuit closed: the relay accepts mail again", extra={"fields": {
+                "trips": self._circuit.trips}})
+        self._circuit = self._circuit.success()
+        self._paused.clear()
 
     def _route(self, delivery: _Delivery, route: Route, only: list[str] | None = None) -> bool:
         """Publish the retry or dead-letter copy a route calls for; True once the broker has it."""
@@ -451,15 +574,36 @@ class Worker:
             return False
         return True
 
+    def _hand_back(self, delivery: _Delivery, why: str, headers: dict[str, Any] | None = None) -> None:
+        """Return an unsent delivery without spending its delivery-limit budget: publish a fresh
+        copy to the work queue (confirmed), then ack. If the broker refuses the copy, nack it
+        back instead (counted, but never lost)."""
+        if headers is None:
+            headers = dict(delivery.properties.headers or {})
+        headers.pop("x-delivery-count", None)  # the broker's count; the copy starts afresh
+        if not self._publish_copy(delivery, self.config.topology.work_queue, headers):
+            self._nack(delivery, f"{why}; hand-back publish failed")
+            return
+        self._ack(delivery)
+        self.counters.requeued += 1
+        self.metrics.drain_requeued.inc()
+        log.debug("handed back", extra={"fields": {"delivery_tag": delivery.delivery_tag, "why": why}})
+
     def _ack(self, delivery: _Delivery) -> None:
         self._in_flight.pop(delivery.delivery_tag, None)
         self.metrics.in_flight.set(len(self._in_flight))
-        self._channel.basic_ack(delivery.delivery_tag)
+        if self._holding is not None:
+            self._holding.append((delivery.delivery_tag, True))
+        else:
+            self._channel.basic_ack(delivery.delivery_tag)
 
     def _nack(self, delivery: _Delivery, why: str) -> None:
         self._in_flight.pop(delivery.delivery_tag, None)
         self.metrics.in_flight.set(len(self._in_flight))
-        self._channel.basic_nack(delivery.delivery_tag, requeue=True)
+        if self._holding is not None:
+            self._holding.append((delivery.delivery_tag, False))
+        else:
+            self._channel.basic_nack(delivery.delivery_tag, requeue=True)
         self.counters.requeued += 1
         self.metrics.requeued.inc()
         log.debug("requeued", extra={"fields": {"delivery_tag": delivery.delivery_tag, "why": why}})
@@ -482,17 +626,24 @@ class Worker:
             sender.close()
 
     def _send_one(self, sender: SmtpSender, delivery: _Delivery) -> _Outcome:
+        if self._paused.is_set():
+            return _NotStarted()
         wait = sender.ready_in()
         if wait > 0:
             log.warning("SMTP unavailable; backing off", extra={"fields": {"retry_in_seconds": round(wait, 2)}})
-            if self._stop.wait(wait):
+            if self._abort.wait(wait):
                 return _NotStarted()
         with self._bucket_lock:
             self._bucket, wait = self._bucket.reserve(time.monotonic())
-        if wait > 0 and self._stop.wait(wait):
+        if wait > 0 and self._abort.wait(wait):
             return _NotStarted()
-        if self._stop.is_set() or delivery.generation != self._generation:
-            return _NotStarted()
+        with self._start_lock:
+            if self._abort.is_set() or self._paused.is_set() or delivery.generation != self._generation:
+                return _NotStarted()
+            deadline = self._drain_deadline
+            if deadline is not None and time.monotonic() + self._send_estimate > deadline:
+                return _NotStarted()  # draining: a send that would outlast the grace period is not begun
+            delivery.started = True
         started = time.monotonic()
         try:
             refused = sender.send(delivery.job)
@@ -509,6 +660,10 @@ def _time_in_queue(job: EmailJob) -> float | None:
     else:
         return None
     return max(0.0, time.time() - start)
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def _describe(exc: BaseException) -> str:
