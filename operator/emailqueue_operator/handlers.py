@@ -120,6 +120,8 @@ class ScaleLoop:
 
     def __init__(self, body: Mapping[str, Any]) -> None:
         self.body = body
+        self.seen_at = time.monotonic()
+        """When the watch last brought this EmailQueue (see SILENT_SECONDS)."""
         self.stopped = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
@@ -145,7 +147,7 @@ class ScaleLoops:
                 loop.stopped.set()
             return
         if loop is not None:
-            loop.body = body
+            loop.body, loop.seen_at = body, time.monotonic()
             return
         loop = self._loops[uid] = ScaleLoop(body)
         loop.task = asyncio.get_running_loop().create_task(self._guarded(uid, loop))
@@ -175,6 +177,30 @@ class ScaleLoops:
         await asyncio.gather(*pending, return_exceptions=True)
 
 
+# The leader rewrites every EmailQueue's status at least every STATUS_REFRESH_SECONDS, and
+# each write comes back as a watch event. A loop that has heard nothing for this long may
+# serve an EmailQueue deleted while kopf re-listed (a relist reports no deletions): it
+# checks with one GET. Without a finalizer nothing else would stop it.
+SILENT_SECONDS = 10 * STATUS_REFRESH_SECONDS
+
+
+def emailqueue_gone(namespace: str, name: str, uid: str) -> bool:
+    """Whether the EmailQueue is deleted (or replaced by a namesake). Unknown → False."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    api = client.CustomObjectsApi(kube.api_client())
+    try:
+        resp = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, _request_timeout=10,
+                                                _preload_content=False)
+        current = json.loads(resp.data)
+    except ApiException as exc:
+        return exc.status == 404
+    except Exception:  # unreachable apiserver: keep serving it, ask again later
+        return False
+    return str((current.get("metadata") or {}).get("uid") or "") != uid
+
+
 async def scale_loop(loop: ScaleLoop) -> None:
     """Poll the queue and scale the target until the EmailQueue goes away.
 
@@ -183,7 +209,7 @@ async def scale_loop(loop: ScaleLoop) -> None:
     previous leader wrote, so stabilization windows and cooldowns carry on.
     """
     meta = loop.body.get("metadata") or {}
-    namespace, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
+    namespace, name, uid = str(meta.get("namespace") or ""), str(meta.get("name") or ""), str(meta.get("uid") or "")
     aio = asyncio.get_running_loop()
     claimed: tuple[str, str, str] | None = None
     leading = False
@@ -233,6 +259,11 @@ async def scale_loop(loop: ScaleLoop) -> None:
                 except Exception as exc:  # status is informative; the next poll writes it again
                     log.warning("%s/%s: status patch failed: %s", namespace, name, exc)
             _post(body, namespace, name, result)
+            if time.monotonic() - loop.seen_at > SILENT_SECONDS:
+                if await asyncio.to_thread(emailqueue_gone, namespace, name, uid):
+                    log.warning("%s/%s: deleted while the watch was re-listing; polling stops", namespace, name)
+                    break
+                loop.seen_at = time.monotonic()
             next_at += result.poll_seconds
             delay = next_at - aio.time()
             if delay < 0:  # we fell behind: do not try to catch up with a burst
