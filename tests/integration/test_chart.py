@@ -3,7 +3,7 @@
 `helm lint --strict`; `helm template` output and every deploy/ Kustomization pass
 `kubectl apply --dry-run=server` (admission included: the pods meet the "restricted" Pod
 Security Standard, checked through the namespace's warn label); `helm install` creates the
-CRD, RBAC and Deployments (no kubelet here, so no pod runs: objects are checked, not pods);
+RBAC and Deployments (no kubelet here, so no pod runs: objects are checked, not pods);
 values.schema.json turns typos and wrong types into install failures. Each test uses its own
 release and namespace; cluster-scoped objects are removed by `helm uninstall`. Installs here
 set crds.install=false: the test bed's CRD is shared (applied from deploy/crds) and one Helm

@@ -7,6 +7,7 @@ The leader is killed with SIGKILL (no hand-over); the follower must take the Lea
 the lease plus a retry period and scale within one poll interval plus the lease, the
 follower must never have scaled while the leader lived, and the replica count never steps
 back (two operators fighting, or a new leader that forgot the old one's state, would).
+A leader stopped with SIGTERM releases the Lease (a follower would take it within a retry period).
 """
 from __future__ import annotations
 
@@ -119,3 +120,8 @@ def test_follower_takes_over_from_a_killed_leader_without_double_scaling(kube_en
     new_scrape = _scrape(operators[follower].metrics_port)
     assert _sample(new_scrape, "emailqueue_operator_leader") == 1.0
     assert (_sample(new_scrape, "emailqueue_scale_actions_total") or 0) >= 1
+
+    # A graceful stop (rolling update, node drain) hands the Lease over instead of letting it run out.
+    operators[follower].stop()
+    released = _holder(kube_env, namespace)
+    assert not released.get("holderIdentity") and released["leaseDurationSeconds"] == 1, released
