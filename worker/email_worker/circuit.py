@@ -25,7 +25,7 @@ State = Literal["closed", "open", "half-open"]
 class CircuitBreaker:
     initial_delay: float = 5.0
     """Pause after the first sender-side failure, seconds."""
-    max_delay: float = 300.0
+    max_delay: float = 60.0
     """Cap of the doubling pause."""
     opened_at: float | None = None
     """When the current pause began (None: closed)."""

@@ -123,7 +123,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                      help="pause after a sender-side SMTP failure (MAIL FROM 5xx, AUTH, TLS, HELO, connect); "
                           "doubles per failed probe (env CIRCUIT_INITIAL_SECONDS, default %(default)s)")
     run.add_argument("--circuit-max-seconds", type=float,
-                     default=float(_env(env, "CIRCUIT_MAX_SECONDS", "300") or 300),
+                     default=float(_env(env, "CIRCUIT_MAX_SECONDS", "60") or 60),
                      help="longest such pause (env CIRCUIT_MAX_SECONDS, default %(default)s)")
     run.add_argument("--heartbeat-seconds", type=int, default=int(_env(env, "HEARTBEAT_SECONDS", "30") or 30))
     run.add_argument("--no-declare", action="store_true", help="do not declare the topology at start-up")

@@ -102,7 +102,7 @@ class WorkerConfig:
     declare_topology: bool = True
     circuit_initial_seconds: float = 5.0
     """Consumption pause after a sender-side SMTP failure; doubles per failed probe."""
-    circuit_max_seconds: float = 300.0
+    circuit_max_seconds: float = 60.0
     settle_hold_seconds: float = 0.2
     """Before cancelling the consumer, acks are withheld this long so deliveries the broker
     already sent arrive and are kept (pika rejects, i.e. requeues and counts, any that
