@@ -321,8 +321,10 @@ class Elector:
         if observed is None or observed.holder != self.settings.identity:
             return
         try:
-            self.store.write(self.election.released(observed, self.wall()))
+            self.election.observed = self.store.write(self.election.released(observed, self.wall()))
             log.info("leader election: %s released the Lease", self.settings.identity)
+            self._was_leading = False  # said just now; no "stopped leading" warning
+            self._gauge.set(0)
         except Exception as exc:  # the follower takes over when the lease runs out instead
             log.warning("leader election: releasing the Lease failed: %s", type(exc).__name__)
         self._transition()

@@ -36,7 +36,9 @@ async def _operate(namespaces: list[str], liveness: str | None, election: Electi
                             liveness_endpoint=liveness)
     finally:
         if elector is not None:  # after kopf's cleanup stopped the scale loops: then hand over
-            await asyncio.to_thread(elector.stop)
+            # Blocking on purpose: the default executor may still hold polls that outlived
+            # their cancellation, and the hand-over must not queue behind them.
+            elector.stop()
 
 
 def run_operator(namespaces: list[str], metrics_port: int, health_port: int, log_format: str, verbose: bool,
