@@ -124,6 +124,16 @@ class Election:
     def leading(self, now: float) -> bool:
         return now < self.leading_until
 
+    @property
+    def poll_guard(self) -> float:
+        """Seconds of leadership a poll must have ahead of it to start: a leader that missed two
+        renewals in a row starts no more polls, so a poll under way has this much more time,
+        beyond lease - renew deadline, before anyone may take over."""
+        return max(0.0, self.settings.renew_deadline_seconds - 2 * self.settings.retry_seconds)
+
+    def may_poll(self, now: float) -> bool:
+        return now + self.poll_guard < self.leading_until
+
     def next_record(self, current: LeaseRecord | None, now: float, wall: float) -> LeaseRecord | None:
         """What to write after reading `current` (None: no Lease yet), or None to wait."""
         me, stamp = self.settings.identity, micro_time(wall)
@@ -239,8 +249,9 @@ class Leadership:
         return self._election is not None
 
     def leading(self) -> bool:
+        """Whether a scale loop may start a poll now (Election.may_poll)."""
         election = self._election
-        return election is None or election.leading(self._clock())
+        return election is None or election.may_poll(self._clock())
 
     def notify(self) -> None:
         """Called by the election thread after every round: wakes the waiting loops on a gain."""

@@ -29,7 +29,7 @@ QUEUE = "emails"
 POLL, LEASE, DEADLINE, RETRY = 2, 4.0, 3.0, 0.5
 ELECTION = ["--leader-elect", "--leader-elect-lease-duration", str(LEASE), "--leader-elect-renew-deadline",
             str(DEADLINE), "--leader-elect-retry-period", str(RETRY)]
-SLACK = 2.0  # process scheduling and apiserver latency on a shared 2-core machine
+SLACK = 3.0  # process scheduling, kubectl round trips and apiserver latency on a shared 2-core machine
 
 
 def _scrape(port: int) -> str:

@@ -104,15 +104,23 @@ def test_a_cut_off_leader_stops_before_anyone_takes_over(step: float) -> None:
             raise OSError("no route to host")
 
     a.store = CutOff()
-    took_over = None
+    last_renewal = a.election.leading_until - a.settings.renew_deadline_seconds
+    took_over = a_stopped_polling = None
     for _ in range(int(40 / step)):
         clock.now += step
         a.round()
         b.round()
         assert len(leading(a, b)) <= 1, f"two leaders at t+{clock.now - 1000}"
+        if a_stopped_polling is None and not a.election.may_poll(clock.now):
+            a_stopped_polling = clock.now
         if took_over is None and leading(b):
             took_over = clock.now
     assert took_over is not None and leading(a) == []
+    # a starts no poll in the last renewDeadline - 2 x retry seconds of its leadership: a poll
+    # under way then has that much plus lease - renewDeadline before b may scale.
+    assert a_stopped_polling is not None
+    assert a_stopped_polling <= last_renewal + a.settings.renew_deadline_seconds - a.election.poll_guard + step
+    assert took_over - a_stopped_polling >= a.election.poll_guard + 15 - 10 - step
     a.store = a_store  # a comes back: it follows
     for _ in range(5):
         clock.now += step
