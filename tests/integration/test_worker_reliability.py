@@ -342,19 +342,23 @@ def test_repeated_drains_do_not_spend_the_delivery_limit(
         start_worker: Callable[..., RunningWorker]) -> None:
     broker, vhost, url = vhost_on
     smtp, port = relay
-    smtp.delay = 0.3
-    limit = 1  # a single counted return more than the limit allows would dead-letter the job
+    smtp.delay = 0.5
+    limit = 1  # a job returned (and counted) twice would be dead-lettered as poison
     with Publisher(url, declare_topology=topology(delivery_limit=limit)) as publisher:
         publisher.publish_many(job(n) for n in range(24))
     handed_back = 0.0
-    for _ in range(3):  # three scale-ins, each while eight prefetched jobs wait behind two sends
-        before = sum(smtp.counts().values())
-        worker = start_worker(url, port, topology=topology(delivery_limit=limit), prefetch=8, grace_seconds=0.8)
-        wait_until(lambda: sum(smtp.counts().values()) >= before + 2, 20, "a send under way")
+    for _ in range(3):  # three scale-ins, each while six prefetched jobs wait behind two sends
+        before = len(smtp.seen_at_data)
+        worker = start_worker(url, port, topology=topology(delivery_limit=limit), prefetch=8, grace_seconds=1.0)
+        wait_until(lambda: len(smtp.seen_at_data) >= before + 2, 20, "two sends under way")
         assert worker.stop() == 0
         handed_back += worker.metric("emailworker_emails_drain_requeued_total")
         assert worker.metric("emailworker_emails_requeued_total") == 0, "a drain nacked (counted) a delivery"
-    assert handed_back >= 3, "the drains should have handed prefetched jobs back"
+    # The sends under way finish; a third would end after the deadline, so the rest is handed
+    # back. Requeued instead, the same six would come back first and be returned again: dead.
+    assert handed_back >= 12, "the drains should have handed prefetched jobs back"
+    assert depth(url, "emails.dead") == 0, "a drained job was dead-lettered as poison"
+    smtp.delay = 0
     worker = start_worker(url, port, topology=topology(delivery_limit=limit))
     wait_until(lambda: len(smtp.counts()) == 24, 30, "every job delivered")
     worker.stop()

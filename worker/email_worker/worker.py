@@ -18,7 +18,7 @@ worker withholds acks for a moment so the broker has nothing more in flight, can
 consumer, and lets the sender threads finish everything already prefetched within
 `grace_seconds`; what has not started by then is handed back, and only a send still in
 progress at the deadline is nacked (it was attempted: that one counts); during a drain a
-send is not begun when the smoothed send time says it would end after the deadline.
+send is not begun when 1.5 x the smoothed send time would end after the deadline.
 
 Sender-side SMTP failures (MAIL FROM 5xx, AUTH, TLS, HELO, connect) open a circuit
 breaker (`circuit.py`): the job is handed back, consumption pauses (consumer cancelled,
@@ -180,7 +180,7 @@ class Worker:
         self._circuit = CircuitBreaker(config.circuit_initial_seconds, config.circuit_max_seconds)
         self._holding: list[tuple[int, bool]] | None = None  # settlements withheld around a cancel
         self._consumer_tag: str | None = None  # main thread only
-        self._send_estimate = 0.0              # smoothed SMTP transaction time (main thread writes)
+        self._send_estimate = 0.0              # smoothed SMTP transaction time (under _start_lock)
         self._drain_deadline: float | None = None
         self._jobs: queue.Queue[_Delivery | None] = queue.Queue()
         self._bucket = TokenBucket(config.rate_limit, max(1.0, config.rate_burst))
@@ -194,7 +194,12 @@ class Worker:
     # -- public -------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Request a graceful stop; safe from signal handlers and other threads."""
+        """Request a graceful stop; safe from signal handlers and other threads.
+
+        The grace period starts now (the pod's termination grace period starts at SIGTERM),
+        and from now on senders begin no send that could outlast it."""
+        if not self._stop.is_set():
+            self._drain_deadline = time.monotonic() + self.config.grace_seconds
         self._stop.set()
 
     @property
@@ -374,8 +379,7 @@ class Worker:
         log.info("stopping: draining in-flight sends", extra={"fields": {
             "in_flight": len(self._in_flight), "grace_seconds": self.config.grace_seconds}})
         self._cancel_consumer(connection, channel)
-        deadline = time.monotonic() + self.config.grace_seconds
-        self._drain_deadline = deadline  # senders start no send they cannot finish by then
+        deadline = self._drain_deadline or time.monotonic() + self.config.grace_seconds
         while self._in_flight and time.monotonic() < deadline:
             connection.process_data_events(time_limit=min(0.2, max(0.0, deadline - time.monotonic())))
         with self._start_lock:
@@ -443,8 +447,6 @@ class Worker:
             return
         if isinstance(outcome, _Sent):
             self._circuit_closed()
-            self._send_estimate = outcome.seconds if not self._send_estimate else \
-                0.8 * self._send_estimate + 0.2 * outcome.seconds
             if outcome.refused and not self._park_refused(delivery, outcome.refused):
                 self._nack(delivery, "publish failed")
                 return
@@ -641,15 +643,18 @@ class Worker:
             if self._abort.is_set() or self._paused.is_set() or delivery.generation != self._generation:
                 return _NotStarted()
             deadline = self._drain_deadline
-            if deadline is not None and time.monotonic() + self._send_estimate > deadline:
-                return _NotStarted()  # draining: a send that would outlast the grace period is not begun
+            if deadline is not None and time.monotonic() + 1.5 * self._send_estimate > deadline:
+                return _NotStarted()  # draining: a send that could outlast the grace period is not begun
             delivery.started = True
         started = time.monotonic()
         try:
             refused = sender.send(delivery.job)
         except Exception as exc:  # classified by routing; nothing escapes the thread
             return _Failed(exc)
-        return _Sent(time.monotonic() - started, refused)
+        seconds = time.monotonic() - started
+        with self._start_lock:  # updated here, so this thread's next start already sees it
+            self._send_estimate = seconds if not self._send_estimate else 0.8 * self._send_estimate + 0.2 * seconds
+        return _Sent(seconds, refused)
 
 
 def _time_in_queue(job: EmailJob) -> float | None:
