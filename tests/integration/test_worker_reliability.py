@@ -299,6 +299,60 @@ def test_a_v01_topology_is_reported_consumed_and_its_retry_tiers_retired(
         f"<job-{n:04d}@{DOMAIN}>" for n in range(3)]
 
 
+def test_the_documented_v01_migration_moves_every_job_to_the_at_least_once_queue(
+        vhost_on: tuple[Any, str, str], relay: tuple[Relay, int], start_worker: Callable[..., RunningWorker],
+        tmp_path: Path) -> None:
+    """docs/message-contract.md#migrating-from-v01, step by step, on a live broker."""
+    broker, vhost, url = vhost_on
+    smtp, port = relay
+    _declare_v01(url, waiting_in_old_tier=0)
+    with Publisher(url) as publisher:
+        publisher.publish_many(job(n) for n in range(1, 6))  # six jobs wait in the v0.1 queue
+    policies = f"/api/policies/{urllib.parse.quote(vhost, safe='')}/emails-freeze"
+    # 1. Freeze publishing: the broker nacks new jobs, publishers raise (and keep them).
+    broker.management().request("PUT", policies, {"pattern": "^emails$", "apply-to": "queues", "priority": 99,
+                                                  "definition": {"max-length": 0, "overflow": "reject-publish"}})
+    accepted: list[str] = []  # published before the policy reached the queue: moved like the rest
+    with Publisher(url, nack_backoff=0.05) as publisher:
+        wait_until(lambda: _refused(publisher, accepted), 15, "publishing to be frozen")
+    expected = [f"<job-{n:04d}@{DOMAIN}>" for n in range(6)] + [f"<{job_id}@{DOMAIN}>" for job_id in accepted]
+    # 2. (workers scaled to 0: none runs here.) 3. Move the jobs to a holding queue.
+    moved = cli("move", "--amqp-url", url, "--create-target", "emails", "emails.migrating")
+    assert moved.returncode == 0 and f"moved {len(expected)} from emails" in moved.stdout, moved.stderr
+    # 4. Delete the v0.1 queue, declare the new topology.
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        connection.channel().queue_delete("emails")
+    finally:
+        connection.close()
+    declared = cli("declare", "--amqp-url", url, "--retry-tiers", "1s,2s", "--max-retries", "8")
+    assert declared.returncode == 0, declared.stdout + declared.stderr
+    # 5. Unfreeze, move the jobs back, start the workers.
+    broker.management().request("DELETE", policies)
+    wait_until(lambda: cli("move", "--amqp-url", url, "emails.migrating", "emails").returncode == 0
+               and depth(url, "emails.migrating") == 0, 15, "the jobs moved back")
+    worker = start_worker(url, port)
+    wait_until(lambda: len(smtp.counts()) == len(expected), 20, "every job delivered")
+    assert worker.metric("emailworker_legacy_topology") == 0
+    assert broker.management().queue(vhost, "emails")["arguments"]["x-dead-letter-strategy"] == "at-least-once"
+    worker.stop()
+    assert sorted(smtp.counts()) == sorted(expected)
+
+
+def _refused(publisher: Publisher, accepted: list[str]) -> bool:
+    try:
+        accepted.append(publisher.publish(job(100 + len(accepted))))
+    except QueueFullError:
+        return True
+    return False
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AMQP_", "SMTP_"))}
+    return subprocess.run([sys.executable, "-m", "email_worker.cli", *args], capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
 def test_reject_publish_nacks_are_raised_by_the_publisher_never_lost(vhost_on: tuple[Any, str, str]) -> None:
     broker, vhost, url = vhost_on
     broker.management().request("PUT", f"/api/policies/{urllib.parse.quote(vhost, safe='')}/cap", {

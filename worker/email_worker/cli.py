@@ -1,4 +1,4 @@
-"""`email-worker` command line: run | publish | declare.
+"""`email-worker` command line: run | publish | declare | move.
 
 Every `run` flag falls back to an environment variable (the Kubernetes way), and secrets
 can come from files (`SMTP_PASSWORD_FILE`, `AMQP_URL_FILE`) mounted from a Secret.
@@ -137,6 +137,15 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
 
     declare = sub.add_parser("declare", help="declare queues and exchanges, then exit", parents=[common])
     _add_broker_args(declare, env)
+
+    move = sub.add_parser("move", help="move messages between queues, at least once (replay dead letters, "
+                                       "migrate v0.1's work queue); prints the count", parents=[common])
+    move.add_argument("--amqp-url", default=None, help="broker URL (env AMQP_URL or AMQP_URL_FILE)")
+    move.add_argument("source", help="queue to empty, e.g. emails.dead")
+    move.add_argument("target", help="existing queue to fill, e.g. emails")
+    move.add_argument("--limit", type=int, default=None, help="move at most this many")
+    move.add_argument("--create-target", action="store_true",
+                      help="declare the target as a durable quorum queue first (a holding queue for a migration)")
     return parser
 
 
@@ -270,6 +279,36 @@ def cmd_declare(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return 0
 
 
+def cmd_move(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    import pika
+    import pika.exceptions
+
+    from email_worker.topology import move_messages
+
+    url = _amqp_url(args, env)
+    try:
+        connection = pika.BlockingConnection(pika.URLParameters(url))
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        print(f"error: cannot connect to {redact_url(url)}: {type(exc).__name__}", file=sys.stderr)
+        return 1
+    try:
+        channel = connection.channel()
+        if args.create_target:
+            channel.queue_declare(args.target, durable=True, arguments={"x-queue-type": "quorum"})
+        moved = move_messages(channel, args.source, args.target, args.limit)
+    except TopologyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        print(f"error: {exc.reply_code} {exc.reply_text}", file=sys.stderr)
+        return 1
+    finally:
+        if connection.is_open:
+            connection.close()
+    print(f"moved {moved} from {args.source} to {args.target}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     env = os.environ if env is None else env
     try:
@@ -285,6 +324,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             return cmd_run(args, env)
         if args.command == "publish":
             return cmd_publish(args, env)
+        if args.command == "move":
+            return cmd_move(args, env)
         return cmd_declare(args, env)
     except ConfigError as exc:
         print(f"email-worker: configuration error: {exc}", file=sys.stderr)

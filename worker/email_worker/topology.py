@@ -196,3 +196,37 @@ def _retire_legacy_tiers(state: dict[str, Any], fresh: Any, topology: Topology) 
             fresh()
             draining[name] = 1
     return draining, tuple(deleted)
+
+
+def move_messages(channel: Any, source: str, target: str, limit: int | None = None) -> int:
+    """Move messages from `source` to `target` (both queues), at least once; returns the count.
+
+    Each message is published to `target` with confirms and mandatory before it is acked
+    in `source`, so a crash in between leaves a duplicate, never a gap. Properties and
+    headers are kept (the broker's `x-delivery-count` is dropped: the copy starts afresh).
+    Used to migrate v0.1's work queue and to replay dead letters.
+    """
+    channel = channel.connection.channel()  # our own confirm-mode channel; a 404 closes only it
+    channel.confirm_delivery()
+    try:
+        channel.queue_declare(target, passive=True)  # a missing target is an error, not a silent drop
+        channel.queue_declare(source, passive=True)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        raise TopologyError(f"cannot move from {source} to {target}: {exc.reply_code} {exc.reply_text}") from None
+    moved = 0
+    while limit is None or moved < limit:
+        method, properties, body = channel.basic_get(source, auto_ack=False)
+        if method is None:
+            break
+        if properties.headers:
+            properties.headers.pop("x-delivery-count", None)
+        try:
+            channel.basic_publish("", target, body, properties, mandatory=True)
+        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
+            channel.basic_nack(method.delivery_tag, requeue=True)
+            raise TopologyError(f"cannot move to {target}: broker refused the message ({type(exc).__name__}); "
+                                f"{moved} moved so far, the rest is still in {source}") from None
+        channel.basic_ack(method.delivery_tag)
+        moved += 1
+    channel.close()
+    return moved
