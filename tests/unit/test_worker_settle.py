@@ -123,3 +123,14 @@ def test_settlements_are_withheld_while_the_consumer_is_being_cancelled(worker: 
     worker_._settle(deliver(worker_, 2), _Sent(0.01, {}))
     # No ack reaches the broker (no new credit, nothing more in flight) until the cancel is done.
     assert channel.acked == [] and worker_._holding == [(1, True), (2, True)]
+
+
+def test_withheld_settlements_are_sent_when_the_circuit_closes_before_the_cancel(
+        worker: tuple[Worker, FakeChannel]) -> None:
+    worker_, channel = worker
+    worker_._consumer_tag = "ctag"
+    worker_._settle(deliver(worker_, 1), _Failed(smtplib.SMTPSenderRefused(550, b"no", "a@b.c")))
+    worker_._settle(deliver(worker_, 2), _Sent(0.01, {}))  # closes the circuit at once
+    assert worker_.circuit.opened_at is None and worker_._holding
+    worker_._flush_held(channel)  # what the consume loop does on its next turn
+    assert channel.acked == [1, 2] and worker_._holding is None

@@ -324,6 +324,8 @@ class Worker:
                 self._cancel_consumer(connection, channel)
                 log.warning("SMTP circuit open: consumption paused", extra={"fields": {
                     "retry_in_seconds": round(self._circuit.retry_in(now), 2), "trips": self._circuit.trips}})
+            elif self._holding is not None:
+                self._flush_held(channel)  # the circuit closed again before the cancel: settle now
             self._set_readiness(self._consumer_tag is not None)
             connection.process_data_events(time_limit=0.5 if self._consumer_tag else min(0.5, max(
                 0.01, self._circuit.retry_in(time.monotonic()))))
@@ -365,12 +367,15 @@ class Worker:
             channel.basic_cancel(self._consumer_tag)
             self._consumer_tag = None
         finally:
-            held, self._holding = self._holding, None
-            for tag, ack in held:
-                if ack:
-                    channel.basic_ack(tag)
-                else:
-                    channel.basic_nack(tag, requeue=True)
+            self._flush_held(channel)
+
+    def _flush_held(self, channel: Any) -> None:
+        held, self._holding = self._holding or [], None
+        for tag, ack in held:
+            if ack:
+                channel.basic_ack(tag)
+            else:
+                channel.basic_nack(tag, requeue=True)
 
     def _drain(self, connection: Any, channel: Any) -> None:
         """Graceful stop: no new deliveries, finish what is held, hand back the rest, close."""
@@ -443,6 +448,10 @@ class Worker:
             return  # channel gone since: the broker has requeued it
         job = delivery.job
         if isinstance(outcome, _NotStarted):
+            if self._consumer_tag is not None and self._holding is None:
+                # Stopping or paused: withhold acks so the broker sends nothing more to hand back
+                # until the consume loop cancels the consumer (at most one loop turn away).
+                self._holding = []
             self._hand_back(delivery, "circuit open" if self._paused.is_set() else "stopping")
             return
         if isinstance(outcome, _Sent):
