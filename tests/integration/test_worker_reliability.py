@@ -249,7 +249,7 @@ def _declare_v01(url: str, waiting_in_old_tier: int) -> None:
         channel.exchange_declare("emails.dlx", exchange_type="direct", durable=True)
         channel.queue_declare("emails.dead", durable=True, arguments={"x-queue-type": "quorum"})
         channel.queue_declare("emails", durable=True, arguments=old.legacy_work_queue_arguments())
-        for tier in old.retry.tiers:
+        for tier in old.retry.tiers:  # spelled out: what v0.1 declared
             channel.queue_declare(old.legacy_retry_queue(tier), durable=True, arguments={
                 "x-message-ttl": tier.ttl_ms, "x-dead-letter-exchange": "emails.dlx",
                 "x-dead-letter-routing-key": "emails"})
@@ -297,6 +297,19 @@ def test_a_v01_topology_is_reported_consumed_and_its_retry_tiers_retired(
     assert declared.legacy_retry_queues == {}
     assert depth(url, "emails.dead") == 0 and sorted(smtp.counts()) == [
         f"<job-{n:04d}@{DOMAIN}>" for n in range(3)]
+
+
+def test_a_quorum_queue_under_a_v01_tier_name_is_left_alone(vhost_on: tuple[Any, str, str]) -> None:
+    broker, vhost, url = vhost_on
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        connection.channel().queue_declare("emails.retry.1s", durable=True, arguments={"x-queue-type": "quorum"})
+        declared = declare(connection.channel(), topology())
+        assert connection.is_open and declared.deleted_legacy_queues == ()
+        assert declared.legacy_retry_queues == {}
+    finally:
+        connection.close()
+    assert broker.management().queue(vhost, "emails.retry.1s")["arguments"] == {"x-queue-type": "quorum"}
 
 
 def test_the_documented_v01_migration_moves_every_job_to_the_at_least_once_queue(

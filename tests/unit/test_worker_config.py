@@ -137,6 +137,8 @@ def test_topology_arguments() -> None:
     # New names: v0.1's classic tiers (emails.retry.10s) cannot become quorum queues in place.
     assert topology.retry_queues == ("emails.retry.v2.10s", "emails.retry.v2.60s")
     assert topology.legacy_retry_queue(RetryTier(10)) == "emails.retry.10s"
+    assert topology.legacy_retry_queue_arguments(RetryTier(10)) == {
+        "x-message-ttl": 10000, "x-dead-letter-exchange": "emails.dlx", "x-dead-letter-routing-key": "emails"}
     assert topology.retry_queue_arguments(RetryTier(60)) == {
         "x-queue-type": "quorum", "x-message-ttl": 60000, "x-dead-letter-exchange": "emails.dlx",
         "x-dead-letter-routing-key": "emails", "x-dead-letter-strategy": "at-least-once",

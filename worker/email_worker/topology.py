@@ -92,6 +92,14 @@ class Topology:
             "x-dead-letter-routing-key": self.dead_queue,
         }
 
+    def legacy_retry_queue_arguments(self, tier: RetryTier) -> dict[str, Any]:
+        """What v0.1 declared for a retry tier: a classic TTL queue (at-most-once expiry hop)."""
+        return {
+            "x-message-ttl": tier.ttl_ms,
+            "x-dead-letter-exchange": self.dead_letter_exchange,
+            "x-dead-letter-routing-key": self.work_queue,
+        }
+
     def retry_queue_arguments(self, tier: RetryTier) -> dict[str, Any]:
         # Queue-level TTL (one per queue) so messages expire in order, head first.
         return {
@@ -184,6 +192,13 @@ def _retire_legacy_tiers(state: dict[str, Any], fresh: Any, topology: Topology) 
         try:
             count = state["channel"].queue_declare(name, passive=True).method.message_count
         except pika.exceptions.ChannelClosedByBroker:  # 404: not there (the usual case)
+            fresh()
+            continue
+        try:
+            # Only v0.1's classic tier (exactly its arguments) is ours to delete; a quorum queue
+            # would also refuse `if_empty` by closing the whole connection (540).
+            state["channel"].queue_declare(name, durable=True, arguments=topology.legacy_retry_queue_arguments(tier))
+        except pika.exceptions.ChannelClosedByBroker:  # 406: someone else's queue of that name
             fresh()
             continue
         if count:
