@@ -5,8 +5,9 @@
   consumed and reported (log, metric) while its classic retry tiers drain and are removed;
 - a nack (reject-publish at a length limit) is an error the publisher raises, never a loss;
 - graceful drains do not spend the quorum `x-delivery-limit`;
-- a MAIL FROM 5xx storm dead-letters nothing, opens the circuit (metric, readiness) and
-  the mail flows once the relay is fixed;
+- a MAIL FROM 5xx storm dead-letters nothing, opens the circuit (metric, readiness), fires
+  EmailSMTPCircuitOpen on a real Prometheus (shipped rules, time compressed), and the mail
+  flows once the relay is fixed;
 - a redelivered email carries the same Message-ID.
 
 The worker runs in-process (a thread; `Worker.stop()` is what SIGTERM calls) except where
@@ -45,6 +46,7 @@ from email_worker.smtp import SmtpConfig
 from email_worker.topology import Topology, declare
 from email_worker.worker import Worker, WorkerConfig
 from emailqueue_testbed import state
+from emailqueue_testbed.prometheus import PrometheusServer
 
 pytestmark = pytest.mark.integration
 
@@ -436,18 +438,30 @@ def test_repeated_drains_do_not_spend_the_delivery_limit(
 
 # -- circuit breaker for sender-side SMTP failures ---------------------------------------------------
 
-def test_a_mail_from_5xx_storm_dead_letters_nothing_and_opens_the_circuit(
-        vhost310: str, relay: tuple[Relay, int], start_worker: Callable[..., RunningWorker]) -> None:
+def test_a_mail_from_5xx_storm_dead_letters_nothing_opens_the_circuit_and_raises_the_alert(
+        vhost310: str, relay: tuple[Relay, int], start_worker: Callable[..., RunningWorker],
+        tmp_path: Path) -> None:
     url = vhost310
     smtp, port = relay
     smtp.mail_from_reply = "550 5.7.1 sender not authorised to relay"
     with Publisher(url, declare_topology=topology(delivery_limit=2)) as publisher:
         publisher.publish_many(job(n) for n in range(30))
-    worker = start_worker(url, port, topology=topology(delivery_limit=2), concurrency=4,
-                          circuit_initial_seconds=0.5, circuit_max_seconds=1.0)
-    wait_until(lambda: worker.metric("emailworker_smtp_circuit_open") == 1, 15, "the circuit to open")
-    wait_until(lambda: worker.readyz() == 503, 5, "readiness to flip")
-    wait_until(lambda: worker.metric("emailworker_smtp_circuit_trips_total") >= 3, 15, "failed probes")
+    # The shipped rules on the test bed's Prometheus, time compressed 60x (for: 2m -> 2s).
+    prometheus = PrometheusServer(tmp_path / "prometheus", operator_target="127.0.0.1:9", operator_namespace="ops",
+                                  worker_job="email-worker", time_factor=1 / 60, scrape_seconds=0.5)
+    prometheus.start()
+    try:
+        worker = start_worker(url, port, topology=topology(delivery_limit=2), concurrency=4,
+                              circuit_initial_seconds=0.5, circuit_max_seconds=1.0)
+        wait_until(lambda: worker.metric("emailworker_smtp_circuit_open") == 1, 15, "the circuit to open")
+        wait_until(lambda: worker.readyz() == 503, 5, "readiness to flip")
+        prometheus.set_worker_targets({"email-worker-0": worker.worker.metrics_port or 0}, "mail")
+        wait_until(lambda: worker.metric("emailworker_smtp_circuit_trips_total") >= 3, 15, "failed probes")
+        wait_until(lambda: _firing(prometheus, "EmailSMTPCircuitOpen"), 20, "EmailSMTPCircuitOpen to fire")
+        [alert] = [a for a in prometheus.alerts() if a["labels"]["alertname"] == "EmailSMTPCircuitOpen"]
+        assert (alert["labels"]["namespace"], alert["labels"]["job"]) == ("mail", "email-worker")
+    finally:
+        prometheus.stop()
     # A storm over several probes: the relay refused MAIL FROM again and again ...
     assert smtp.mail_from_refusals >= 3 and smtp.accepted == []
     # ... yet nothing was dead-lettered, retried or spent: every job is still waiting for work.
@@ -464,6 +478,10 @@ def test_a_mail_from_5xx_storm_dead_letters_nothing_and_opens_the_circuit(
     worker.stop()
     # Far more probes than the delivery limit of 2, and still nothing dead-lettered by the broker.
     assert depth(url, "emails.dead") == 0 and sum(smtp.counts().values()) == 30
+
+
+def _firing(prometheus: PrometheusServer, name: str) -> bool:
+    return any(a["labels"]["alertname"] == name and a["state"] == "firing" for a in prometheus.alerts())
 
 
 def test_a_per_recipient_5xx_stays_permanent_and_keeps_the_circuit_closed(
