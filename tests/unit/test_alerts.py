@@ -31,7 +31,7 @@ RUNBOOK_URL = "https://github.com/emailqueue-dev/emailqueue-operator/blob/main/d
 REQUIRED_ALERTS = {
     "EmailQueueBacklogOlderThanSLO", "EmailQueueCongestion", "EmailQueueScalerAtMax", "EmailQueueDownstreamSaturated",
     "EmailQueueMetricsUnavailable", "EmailQueueFallbackActive", "EmailDeadLetterGrowing", "EmailSMTPErrorRatioHigh",
-    "EmailQueueOperatorDown",
+    "EmailQueueOperatorDown", "EmailQueueOperatorNoLeader",
 }
 
 

@@ -17,6 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from email_worker.metrics import WorkerMetrics
+from emailqueue_operator.leader import ElectionSettings, Elector
 from emailqueue_operator.metrics import OperatorMetrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,6 +46,8 @@ def exported_series_names() -> frozenset[str]:
     registry = CollectorRegistry()
     OperatorMetrics(registry)
     WorkerMetrics(registry=registry)
+    # The leader gauge lives with the election (replicas run with --leader-elect).
+    Elector(ElectionSettings(identity="x", namespace="ns"), store=object(), registry=registry)  # type: ignore[arg-type]
     names: set[str] = set()
     for family in registry.collect():
         names.update(family.name + suffix for suffix in _SUFFIXES[family.type])
