@@ -27,7 +27,8 @@ from .scaling import PolicyState
 
 GROUP, VERSION, PLURAL = kube.GROUP, kube.VERSION, kube.PLURAL
 
-CONTEXT = Context(pool=BrokerPool(), secrets=kube.SecretCache(), metrics=OperatorMetrics(REGISTRY))
+CONTEXT = Context(pool=BrokerPool(), secrets=kube.SecretCache(), metrics=OperatorMetrics(REGISTRY),
+                  may_scale=LEADERSHIP.may_scale)
 
 
 # v0.1 ran kopf daemons, which put this finalizer on every EmailQueue. No handler needs

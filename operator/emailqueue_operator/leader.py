@@ -253,6 +253,12 @@ class Leadership:
         election = self._election
         return election is None or election.may_poll(self._clock())
 
+    def may_scale(self) -> bool:
+        """True until the renew deadline of a leader that cannot renew (a follower may take the
+        Lease only after the lease duration): checked right before each /scale patch."""
+        election = self._election
+        return election is None or election.leading(self._clock())
+
     def notify(self) -> None:
         """Called by the election thread after every round: wakes the waiting loops on a gain."""
         loop, acquired = self._loop, self._acquired

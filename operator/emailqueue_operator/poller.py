@@ -18,7 +18,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from . import conditions, kube
 from .metrics import OperatorMetrics
@@ -50,6 +50,8 @@ class Context:
     metrics: OperatorMetrics
     targets: kube.TargetCache = field(default_factory=kube.TargetCache)
     clock: Any = time.time
+    may_scale: Callable[[], bool] = lambda: True
+    """False once this replica may no longer scale (leader election: the Lease is lost)."""
 
 
 # --- credentials → endpoints ----------------------------------------------------------
@@ -208,6 +210,9 @@ def act(namespace: str, name: str, facts: Facts, step: Plan, ctx: Context, now: 
     if step.scale_to is not None and isinstance(facts.spec, EmailQueueSpec):
         ref = facts.spec.scale_target
         try:
+            if not ctx.may_scale():
+                raise kube.TargetError("this operator replica lost the leader Lease before scaling; the new "
+                                       "leader decides", "NotLeader")
             kube.scale_target(namespace, ref.kind, ref.name, step.scale_to)
             ctx.targets.forget(namespace, ref.kind)
         except Exception as exc:

@@ -291,6 +291,17 @@ def test_applied_patch_is_remembered_with_an_event(monkeypatch):
     assert result.status["lastScaleTime"]
 
 
+def test_a_replica_that_lost_the_lease_does_not_patch_scale(monkeypatch):
+    """Leader election: leadership checked right before the patch; the lost scale is not remembered."""
+    scaled: list[int] = []
+    monkeypatch.setattr(kube, "scale_target", lambda ns, kind, name, n: scaled.append(n))
+    ctx = context(result=stats(ready=100))
+    ctx.may_scale = lambda: False
+    result = poller.poll(body(), PolicyState(), ctx)
+    assert scaled == [] and result.state.scale_events == ()
+    assert [e.reason for e in result.events] == ["NotLeader"]
+
+
 @pytest.mark.parametrize("claims, owner", [
     ([], None),
     ([("2026-01-01T00:00:00Z", "eq")], None),
