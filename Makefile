@@ -81,8 +81,8 @@ manifests: venv ## regenerate the PrometheusRule, the chart's copies of the CRD,
 
 .PHONY: images
 images: ## docker build both images (needs a Docker engine)
-	docker build -f operator/Dockerfile -t emailqueue-operator:0.1.0 .
-	docker build -f worker/Dockerfile -t email-worker:0.1.0 .
+	docker build -f operator/Dockerfile -t emailqueue-operator:0.2.0 .
+	docker build -f worker/Dockerfile -t email-worker:0.2.0 .
 
 .PHONY: e2e-kind
 e2e-kind: venv ## needs Docker: build images, kind cluster, helm install, pytest -m kind

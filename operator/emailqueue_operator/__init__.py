@@ -1,3 +1,3 @@
 """Emailqueue-operator: queue-driven, SLO-aware autoscaling of email workers."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
