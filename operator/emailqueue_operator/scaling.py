@@ -592,8 +592,12 @@ def _measure(spec: EmailQueueSpec, obs: Observation, state: PolicyState, now: fl
 
     oldest_age = obs.oldest_age_seconds
     if oldest_age is None and backlog > 0:
-        # Little's law: the wait in a FIFO queue is backlog / throughput.
-        throughput = ack_rate if ack_rate else None
+        # Little's law: the wait in a FIFO queue is backlog / rate. The waiting messages are the
+        # last `backlog` that arrived, so at a steady arrival rate the oldest came backlog / arrival
+        # ago; the ack rate alone overstates it while a fleet catches up (at a surge's start acks
+        # lag arrivals ×7: the live demo read 23 s while no email had waited 8 s, and paged).
+        # The faster of the two: never above the ack-only estimate.
+        throughput = max(ack_rate or 0.0, arrival or 0.0) or None
         if not throughput and per_replica is not None and busy > 0:
             throughput = per_replica * busy
         if not throughput and arrival:
