@@ -39,6 +39,32 @@ def first_slo_breach(published: Mapping[str, float], first_seen: Mapping[str, fl
     return min(breaches, default=None)
 
 
+def first_breach_in_series(t: Sequence[float], arrival_rate: Sequence[float], backlog: Sequence[float],
+                           slo: float) -> float | None:
+    """First moment an email waited `slo` seconds, from a FIFO queue's sampled series (the simulator's).
+
+    Arrivals A(t) are the integral of the arrival rate, departures D(t) = A(t) − backlog(t); the
+    next email after a is gone once D reaches A(a) + 1: a breach at a + slo when D(a + slo) < A(a) + 1.
+    """
+    if not t:
+        return None
+    arrived = [0.0]
+    for i in range(1, len(t)):
+        arrived.append(arrived[-1] + arrival_rate[i - 1] * (t[i] - t[i - 1]))
+    departed = [a - b for a, b in zip(arrived, backlog)]
+    j = 0
+    for i, start in enumerate(t):
+        while j < len(t) - 1 and t[j] < start + slo:
+            j += 1
+        if t[j] < start + slo:
+            return None  # the series ends before this email's deadline
+        # The next email after a is number A(a) + 1 (in a fluid series: at most one step's arrivals).
+        nxt = arrived[i] + min(1.0, arrived[i + 1] - arrived[i] if i + 1 < len(t) else 0.0)
+        if arrival_rate[i] > 0 and departed[j] + 1e-6 < nxt:
+            return start + slo
+    return None
+
+
 def alert_report(spans: Sequence["AlertSpan"], *, surge_start: float, surge_end: float, slo: float,
                  first_breach: float | None, backlog_end: float | None, run_end: float,
                  settle_seconds: float) -> dict[str, Any]:
@@ -120,5 +146,5 @@ def check_dashboard(prom: "PrometheusServer", start: float, end: float, variable
     return results
 
 
-__all__ = ["first_slo_breach", "alert_report", "runbook_section", "check_dashboard",
+__all__ = ["first_slo_breach", "first_breach_in_series", "alert_report", "runbook_section", "check_dashboard",
            "CONGESTION", "SMTP_ERRORS", "RUNBOOK"]

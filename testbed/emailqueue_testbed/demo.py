@@ -40,7 +40,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from . import bed, state
+from .alerting import alert_report, check_dashboard, first_breach_in_series, first_slo_breach
 from .kubelet import ApiDeployment, KubeletConfig, KubeletEvent, LocalKubelet
+from .prometheus import OPERATOR_JOB, AlertSpan, PrometheusServer
 from .rabbit import Management
 from .smtp import SmtpControl
 
@@ -62,6 +64,10 @@ PROCESS_START_SECONDS = 1.5
 # one 17 → 2 through. The incident's own window (30 s = its pod start-up) does not shrink
 # with the timeline, so the demo keeps it; the simulator runs the same spec.
 QUORUM_STATS_SPEC: Mapping[str, Any] = {"behavior": {"scaleDown": {"stabilizationSeconds": 30}}}
+# When the system counts as healthy again after the backlog is gone: the operator's rates
+# (two polls) and RabbitMQ's statistics tick must have forgotten the surge.
+STEADY_AFTER_DRAIN_POLLS = 2
+RABBIT_STATS_TICK_SECONDS = 5.0
 
 
 # =========================================================================== the plan (pure)
@@ -273,6 +279,9 @@ class SurgeRun:
     settled: bool                                       # fleet back at min before the deadline
     publish_errors: int = 0
     interrupted: bool = False
+    alert_spans: tuple[AlertSpan, ...] | None = None     # from the test bed's Prometheus (None: not run)
+    annotations: Mapping[str, Mapping[str, str]] | None = None  # alertname -> annotations as rendered
+    dashboard: tuple[Mapping[str, Any], ...] | None = None  # every panel query's result over the run
 
 
 def job_id_from_message_id(message_id: str) -> str | None:
@@ -374,6 +383,29 @@ def summarize(run: SurgeRun, simulated: Mapping[str, Any] | None = None) -> dict
                     for kind in ("create", "ready", "stop", "crash", "kill")},
         "interrupted": run.interrupted,
     }
+    if run.alert_spans is not None:
+        end_wall = run.started_at + (last.t if last else 0.0)
+        breach = first_slo_breach(run.published, first_seen, plan.drain_seconds, end_wall)
+        report["alerting"] = alert_report(
+            run.alert_spans, surge_start=plan.surge_start, surge_end=plan.surge_end, slo=plan.drain_seconds,
+            first_breach=None if breach is None else breach - run.started_at,
+            backlog_end=plan.surge_end + drain_s if drained and drain_s is not None else None,
+            run_end=last.t if last else 0.0, settle_seconds=STEADY_AFTER_DRAIN_POLLS * plan.poll_seconds
+            + RABBIT_STATS_TICK_SECONDS)
+        # What the on-call reads: an annotation naming a label the expression dropped renders
+        # "<no value>" (pint's alerts/template check, here on the live rendering).
+        report["alerting"]["annotations"] = {k: dict(v) for k, v in (run.annotations or {}).items()}
+        static_breach = (simulated or {}).get("static_first_slo_breach_at")
+        fired = report["alerting"]["congestion_firing_at"]
+        report["alerting"]["static_fleet_first_slo_breach_at"] = static_breach
+        # Seconds of warning against the incident's fixed fleet (simulated on the same plan).
+        report["alerting"]["warning_vs_static_fleet_seconds"] = (
+            None if static_breach is None or fired is None else round(static_breach - fired, 1))
+    if run.dashboard is not None:
+        report["dashboard"] = {"panels": len({d["panel"] for d in run.dashboard}), "queries": len(run.dashboard),
+                               "without_data": [f"{d['panel']} ({d['ref']})" for d in run.dashboard
+                                                if not d["has_data"]],
+                               "results": [dict(d) for d in run.dashboard]}
     if simulated is not None:
         report["simulated"] = dict(simulated)
     return report
@@ -381,6 +413,12 @@ def summarize(run: SurgeRun, simulated: Mapping[str, Any] | None = None) -> dict
 
 def _round(value: float | None, digits: int = 2) -> float | None:
     return None if value is None else round(value, digits)
+
+
+def _static_breach(plan: SurgePlan, series: Mapping[str, Any]) -> float | None:
+    if not series.get("t"):
+        return None
+    return first_breach_in_series(series["t"], series["arrival_rate"], series["backlog"], plan.drain_seconds)
 
 
 def simulate(plan: SurgePlan) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -399,6 +437,9 @@ def simulate(plan: SurgePlan) -> tuple[dict[str, Any], dict[str, Any]]:
         "time_to_drain_seconds": ours.get("time_to_drain_seconds"), "drained": ours.get("drained"),
         "replica_seconds": ours.get("replica_seconds"), "peak_replicas": ours.get("peak_replicas"),
         "scale_events": ours.get("scale_events"),
+        # The incident's fixed fleet (min replicas, no scaling) on the same plan: when its first
+        # email would have waited longer than the SLO — what the congestion alert warns against.
+        "static_first_slo_breach_at": _static_breach(plan, result.get("series", {}).get("static") or {}),
         "other_policies": {name: {"p99_seconds": m["p99_seconds"], "peak_backlog": m["peak_backlog"],
                                   "replica_seconds": m["replica_seconds"], "peak_replicas": m["peak_replicas"]}
                            for name, m in policies.items() if name != "ours"},
@@ -418,14 +459,19 @@ class Endpoints:
     password: str
     prom_url: str | None = None
     """RabbitMQ's Prometheus plugin: when set, the operator reads the queue there."""
+    broker_metrics_url: str | None = None
+    """RabbitMQ's Prometheus plugin for the test bed's Prometheus to scrape (job rabbitmq)."""
 
     @staticmethod
     def from_env(env: bed.Env) -> "Endpoints":
         missing = [n for n, v in (("kube", env.kubeconfig), ("rabbitmq", env.amqp_url)) if not v]
         if missing:
             raise state.TestbedError(f"test bed components not running: {', '.join(missing)}")
+        # The operator reads the queue from RabbitMQ's Prometheus plugin (counters: rates that do
+        # not blink with the management API's statistics tick), the setup RabbitMQ recommends.
         return Endpoints(env.kubeconfig or "", env.amqp_url or "", env.rabbitmq_mgmt_url or "",
-                         env.rabbitmq_user or "", env.rabbitmq_password or "")
+                         env.rabbitmq_user or "", env.rabbitmq_password or "",
+                         prom_url=env.rabbitmq_prometheus_url, broker_metrics_url=env.rabbitmq_prometheus_url)
 
 
 class DemoStack:
@@ -433,12 +479,14 @@ class DemoStack:
 
     A namespace and a vhost of its own, a private recording SMTP server (the shared one is
     cleared by tests running beside us), the CRD, the worker Deployment at min replicas,
-    the AMQP/management Secret, the EmailQueue, the operator process and the kubelet.
+    the AMQP/management Secret, the EmailQueue, the operator process and the kubelet; with
+    `prometheus=True`, a Prometheus server scraping the operator, every worker and RabbitMQ,
+    the shipped alert rules loaded (`for:` and windows compressed like the timeline).
     """
 
     def __init__(self, plan: SurgePlan, endpoints: Endpoints, out_dir: Path,
                  on_kubelet_event: Callable[[KubeletEvent], None] | None = None,
-                 say: Callable[[str], None] = print) -> None:
+                 say: Callable[[str], None] = print, prometheus: bool = False) -> None:
         self.plan, self.endpoints, self.out_dir = plan, endpoints, out_dir
         self.run_id = uuid.uuid4().hex[:6]
         self.namespace = f"demo-{self.run_id}"
@@ -451,6 +499,10 @@ class DemoStack:
         self.kubelet: LocalKubelet | None = None
         self.operator: subprocess.Popen[bytes] | None = None
         self.operator_metrics_port: int | None = None
+        self.with_prometheus = prometheus
+        self.prometheus: PrometheusServer | None = None
+        self.rendered_annotations: dict[str, dict[str, str]] = {}
+        """alertname -> annotations as Prometheus rendered them the first time the alert was seen."""
         self.mgmt = Management(endpoints.mgmt_url, endpoints.user, endpoints.password)
         from kubernetes import client, config
 
@@ -479,6 +531,8 @@ class DemoStack:
         self._create_kube_objects()
         self._start_kubelet()
         self._start_operator()
+        if self.with_prometheus:
+            self._start_prometheus()
 
     def close(self) -> None:
         """Undo everything, newest first; one failing step does not stop the others."""
@@ -609,6 +663,35 @@ class DemoStack:
                 raise state.TestbedError("the operator did not poll the EmailQueue within 60 s; see operator.log")
             time.sleep(0.5)
 
+    def _start_prometheus(self) -> None:
+        """After the operator's first poll: a Prometheus that started first would see the operator
+        down during its start-up and (with `for:` compressed) fire EmailQueueOperatorDown."""
+        broker = urllib.parse.urlsplit(self.endpoints.broker_metrics_url).netloc \
+            if self.endpoints.broker_metrics_url else None
+        time_factor = self.plan.compression.get("time", 1.0)
+        prom = PrometheusServer(self.out_dir / "prometheus", operator_target=f"127.0.0.1:{self.operator_metrics_port}",
+                                operator_namespace=self.namespace, worker_job=DEPLOYMENT, rabbitmq_target=broker,
+                                time_factor=time_factor)
+        prom.start()
+        self._later("stop Prometheus", prom.stop)
+        self.prometheus = prom
+        self.sync_scrape_targets()
+
+        def operator_scraped() -> bool:
+            try:
+                return bool(prom.query(f'up{{job="{OPERATOR_JOB}"}} == 1'))
+            except Exception:
+                return False
+
+        # Until the first scrape, absent(up) is true: the surge starts once Prometheus sees the operator.
+        state.wait_until(operator_scraped, 30, "Prometheus' first scrape of the operator", interval=0.5,
+                         log=prom.workdir / "prometheus.log")
+
+    def sync_scrape_targets(self) -> None:
+        """Point Prometheus at the workers that run now (what the worker Service's Endpoints list)."""
+        if self.prometheus is not None and self.kubelet is not None:
+            self.prometheus.set_worker_targets(self.kubelet.metrics_ports(), self.namespace)
+
     def _stop_operator(self, log: Any) -> None:
         proc = self.operator
         if proc is not None and proc.poll() is None:
@@ -625,6 +708,27 @@ class DemoStack:
         return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
 
     # -- reads ----------------------------------------------------------------------------------------
+    def firing_alerts(self) -> dict[str, str]:
+        """alertname -> pending|firing, as the test bed's Prometheus evaluates the shipped rules now."""
+        if self.prometheus is None:
+            return {}
+        try:
+            alerts = self.prometheus.alerts()
+        except Exception:  # Prometheus busy: nothing new to report this second
+            return {}
+        states: dict[str, str] = {}
+        for alert in alerts:
+            name = (alert.get("labels") or {}).get("alertname", "")
+            self.rendered_annotations.setdefault(name, dict(alert.get("annotations") or {}))
+            if states.get(name) != "firing":
+                states[name] = str(alert.get("state", ""))
+        return states
+
+    def dashboard_variables(self) -> dict[str, str]:
+        """The shipped dashboard's template variables as a user would pick them for this run."""
+        return {"namespace": self.namespace, "emailqueue": EMAILQUEUE, "job": DEPLOYMENT, "instance": ".*",
+                "datasource": "prometheus"}
+
     def emailqueue_status(self) -> dict[str, Any]:
         try:
             obj = self.custom.get_namespaced_custom_object("emailqueue.dev", "v1alpha1", self.namespace,
@@ -733,8 +837,16 @@ def run_surge(stack: DemoStack, on_sample: Callable[[Sample, str], None] | None 
     samples: list[Sample] = []
     deadline: float | None = None
     drained = settled = False
+    alert_states: dict[str, str] = {}
     while not stop.is_set():
         t = time.monotonic() - origin
+        stack.sync_scrape_targets()
+        if stack.prometheus is not None:
+            now_states = stack.firing_alerts()
+            for name in sorted(set(now_states) | set(alert_states)):
+                if now_states.get(name) != alert_states.get(name):
+                    stack.say(f"t={t:6.1f}s alert {name}: {now_states.get(name, 'resolved')}")
+            alert_states = now_states
         ready_msgs, unacked = stack.queue_depth()
         status = stack.emailqueue_status()
         try:
@@ -766,10 +878,92 @@ def run_surge(stack: DemoStack, on_sample: Callable[[Sample, str], None] | None 
     receipts = tuple(_deliveries(smtp))
     seen = {job_id for job_id, _ in receipts}
     all_seen = all(job_id in seen for job_id in publisher.published)
+    spans: tuple[AlertSpan, ...] | None = None
+    dashboard: tuple[Mapping[str, Any], ...] | None = None
+    if stack.prometheus is not None:
+        time.sleep(2 * stack.prometheus.scrape_seconds)  # the last scrape and rule evaluation
+        end = time.time()
+        spans = tuple(stack.prometheus.timeline(publisher.started_at, end, origin=publisher.started_at))
+        dashboard = tuple(check_dashboard(stack.prometheus, publisher.started_at, end, stack.dashboard_variables()))
     return SurgeRun(plan=plan, started_at=publisher.started_at, published=dict(publisher.published),
                     receipts=receipts, samples=tuple(samples), scale_events=tuple(stack.scale_events(publisher.started_at)),
                     kubelet_events=tuple(kubelet.events), drained=all_seen, settled=settled,
-                    publish_errors=publisher.errors, interrupted=interrupted)
+                    publish_errors=publisher.errors, interrupted=interrupted, alert_spans=spans, dashboard=dashboard,
+                    annotations=dict(stack.rendered_annotations) if stack.prometheus is not None else None)
+
+
+# =========================================================================== the second fault (I/O)
+def run_smtp_storm(stack: DemoStack, stop: threading.Event | None = None,
+                   say: Callable[[str], None] = print) -> dict[str, Any]:
+    """The demo's second scripted fault, after the surge: the SMTP server answers 451 to every
+    email (a provider in trouble) while mail keeps arriving at the base rate, and one malformed
+    job is published. Ends when EmailSMTPErrorRatioHigh fires (or a timeout); then every email
+    of the phase must still be delivered (4xx are retried). Returns the report block."""
+    from email_worker.publisher import Publisher, PublishError
+
+    from .alerting import SMTP_ERRORS, runbook_section
+    from .prometheus import parse_duration
+
+    prom, smtp, plan = stack.prometheus, stack.smtp, stack.plan
+    assert prom is not None and smtp is not None
+    stop = stop or threading.Event()
+    rule = next(r for g in prom.rules["groups"] for r in g["rules"] if r.get("alert") == SMTP_ERRORS)
+    hold = parse_duration(str(rule.get("for", "0s")))
+    timeout = hold + 60.0
+    published: dict[str, float] = {}
+    origin_wall = time.time()
+    smtp.set_fault(451, "4.3.0 injected storm: try again later", seconds=timeout)
+    say(f"fault: SMTP answers 451 to every email until {SMTP_ERRORS} fires (rule for: {rule.get('for')})")
+    fired_at: float | None = None
+    interval = 1.0 / max(plan.base_rate, 0.5)
+    with Publisher(stack.amqp_url, queue=QUEUE, app_id="emailqueue-demo") as publisher:
+        publisher.publish_raw(b"{not json", None)  # dead-lettered as invalid: EmailDeadLetterGrowing
+        seq = 0
+        deadline = time.monotonic() + timeout
+        next_check = time.monotonic()
+        while not stop.is_set() and fired_at is None and time.monotonic() < deadline:
+            job_id = f"{stack.run_id}-storm-{seq:05d}"
+            try:
+                publisher.publish({"id": job_id, "to": f"storm{seq}@example.org", "from": "Demo <demo@emailqueue.dev>",
+                                   "subject": f"storm #{seq}", "text": "sent through an SMTP 4xx storm\n"})
+                published[job_id] = time.time()
+                seq += 1
+            except PublishError:
+                pass
+            stack.sync_scrape_targets()
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + 1.0
+                if stack.firing_alerts().get(SMTP_ERRORS) == "firing":
+                    fired_at = time.time()
+            stop.wait(interval)
+    ended_at = time.time()
+    smtp.clear_faults()
+    say("fault: ended; waiting for the retried emails")
+    delivered: set[str] = set()
+    wait_until = time.monotonic() + 120
+    while not stop.is_set() and time.monotonic() < wait_until:
+        delivered = {job for job, _ in _deliveries(smtp) if job in published}
+        if len(delivered) == len(published):
+            break
+        stack.sync_scrape_targets()
+        stop.wait(2)
+    time.sleep(2 * prom.scrape_seconds)
+    spans = prom.timeline(origin_wall, time.time(), origin=origin_wall)
+    span = next((x for x in spans if x.alertname == SMTP_ERRORS), None)
+    url = span.runbook_url if span else next(
+        (r.get("annotations", {}).get("runbook_url", "") for g in prom.shipped_rules["groups"] for r in g["rules"]
+         if r.get("alert") == SMTP_ERRORS), "")
+    from .alerting import RUNBOOK
+
+    return {
+        "fault": "smtp-4xx-storm", "code": 451, "seconds": round(ended_at - origin_wall, 1),
+        "alert": SMTP_ERRORS, "rule_for": rule.get("for"),
+        "pending_at": span.as_dict()["pending_at"] if span else None,
+        "firing_at": span.as_dict()["firing_at"] if span else None,
+        "runbook_url": url, "runbook_section": runbook_section(url, RUNBOOK.read_text()),
+        "published": len(published), "delivered": len(delivered), "lost": len(published) - len(delivered),
+        "alerts": [x.as_dict() for x in spans],
+    }
 
 
 # =========================================================================== outputs
@@ -810,15 +1004,36 @@ def plot(run: SurgeRun, path: Path, simulated_series: Mapping[str, Any] | None =
     ax_rates.set_ylabel("emails/s (5 s window)")
     ax_rates.set_xlabel("seconds since the replay started")
     ax_rates.legend(loc="upper right")
+    marks = alert_marks(run)
     for ax in (ax_backlog, ax_replicas, ax_rates):
         ax.axvspan(run.plan.surge_start, run.plan.surge_end, color="orange", alpha=0.08)
+        for at, label, color in marks:
+            ax.axvline(at, color=color, lw=1.0, ls="--", label=label if ax is ax_backlog else None)
         ax.grid(alpha=0.3)
+    if marks:
+        ax_backlog.legend(loc="upper right")
     fig.suptitle(f"{run.plan.name}: live closed loop (operator + workers + RabbitMQ + SMTP)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def alert_marks(run: SurgeRun) -> list[tuple[float, str, str]]:
+    """Vertical lines for the plot: each alert going firing, and the first email older than the SLO."""
+    if run.alert_spans is None:
+        return []
+    marks = [(span.firing_at, f"{span.alertname} firing", "red" if span.severity == "critical" else "purple")
+             for span in run.alert_spans if span.firing_at is not None]
+    first_seen: dict[str, float] = {}
+    for job_id, at in run.receipts:
+        first_seen.setdefault(job_id, at)
+    end = run.started_at + (run.samples[-1].t if run.samples else 0.0)
+    breach = first_slo_breach(run.published, first_seen, run.plan.drain_seconds, end)
+    if breach is not None:
+        marks.append((breach - run.started_at, "first email older than the SLO", "black"))
+    return marks
 
 
 def _rate(counts: Sequence[int], t: Sequence[float], window: float = 5.0) -> list[float]:
@@ -933,6 +1148,30 @@ def print_summary(report: Mapping[str, Any], say: Callable[[str], None]) -> None
     for label, live, model in rows:
         say(f"{label:22} {_num(live):>10} {_num(model):>10}")
     say(f"scale events: {len(report['scale_events'])}; back at min: {report['returned_to_min']}")
+    alerting = report.get("alerting")
+    if alerting:
+        say(f"alerts (t = seconds since the replay started; surge at t={alerting['surge_start']:g}):")
+        for span in alerting["alerts"]:
+            say(f"  {span['alertname']:32} {span['severity']:8} pending {_num(span['pending_at']):>7} "
+                f"firing {_num(span['firing_at']):>7} resolved {_num(span['resolved_at']):>7}")
+        breach = alerting["first_slo_breach_at"]
+        say(f"congestion alert firing at t={_num(alerting['congestion_firing_at'])}; first email older than the "
+            f"SLO at t={_num(breach) if breach is not None else 'never'}; warning gained: "
+            f"{_num(alerting['warning_seconds'])} s; false critical alerts in steady phases: "
+            f"{len(alerting['false_critical'])}")
+        if alerting.get("static_fleet_first_slo_breach_at") is not None:
+            say(f"the incident's fixed fleet (simulated, same plan) breaches the SLO at "
+                f"t={_num(alerting['static_fleet_first_slo_breach_at'])}: "
+                f"{_num(alerting['warning_vs_static_fleet_seconds'])} s of warning")
+    dashboard = report.get("dashboard")
+    if dashboard:
+        say(f"dashboard: {dashboard['queries'] - len(dashboard['without_data'])}/{dashboard['queries']} panel "
+            f"queries returned data" + (f"; none from {', '.join(dashboard['without_data'])}"
+                                        if dashboard["without_data"] else ""))
+    storm = report.get("second_fault")
+    if storm:
+        say(f"second fault ({storm['fault']}): {storm['alert']} firing at +{_num(storm['firing_at'])} s; runbook: "
+            f"{storm['runbook_section'] or 'MISSING SECTION'}; lost {storm['lost']} of {storm['published']}")
 
 
 def _num(value: Any) -> str:
@@ -955,10 +1194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = preset(args.preset or ("quick" if args.quick else "full"))
     out_dir: Path = args.out
     stop = threading.Event()
+    interrupted = threading.Event()  # `stop` also ends the surge's publisher; this one only says Ctrl-C
 
     def on_signal(signum: int, _frame: Any) -> None:
-        if stop.is_set():
+        if interrupted.is_set():
             raise KeyboardInterrupt  # second signal: stop waiting, clean up now
+        interrupted.set()
         stop.set()
 
     signal.signal(signal.SIGINT, on_signal)
@@ -976,7 +1217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if stop.is_set():
             return 130
         simulated, sim_series = simulate(plan)
-        with DemoStack(plan, Endpoints.from_env(env), out_dir, say=print) as stack:
+        with DemoStack(plan, Endpoints.from_env(env), out_dir, say=print, prometheus=True) as stack:
             print(f"namespace {stack.namespace}, vhost {stack.vhost}; operator metrics on "
                   f":{stack.operator_metrics_port}; logs in {out_dir}", flush=True)
             with view:
@@ -985,8 +1226,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stack.kubelet.on_event = view.kubelet_event
                 run = run_surge(stack, on_sample=view.sample, stop=stop)
             stack.say = print
+            storm = None if interrupted.is_set() else run_smtp_storm(stack, interrupted)
             print("cleaning up (operator, workers, namespace, vhost)...", flush=True)
         report = summarize(run, simulated)
+        if storm is not None:
+            report["second_fault"] = storm
         path = write_report(report, out_dir)
         png = plot(run, out_dir / "surge.png", sim_series)
         print_summary(report, print)

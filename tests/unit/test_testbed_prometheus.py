@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from emailqueue_testbed.alerting import alert_report, first_slo_breach, runbook_section
+from emailqueue_testbed.alerting import alert_report, first_breach_in_series, first_slo_breach, runbook_section
 from emailqueue_testbed.prometheus import (DASHBOARD_FILE, RULES_FILE, AlertSpan, alert_timeline, compress_rules,
                                            format_duration, panel_queries, parse_duration, runbook_urls)
 from emailqueue_testbed.state import REPO
@@ -161,3 +161,16 @@ def test_alert_report_when_no_email_breached_and_when_the_alert_came_late():
                           run_end=100, settle_seconds=5)
     assert silent["congestion_firing_at"] is None and silent["fired_before_breach"] is None
     assert silent["steady_phases"] == [[0, 15]]
+
+
+def test_first_breach_in_series_follows_fifo_order():
+    # 10/s arrive; the queue holds everything for 5 s, then empties at once: the first email
+    # (t=0) waited 5 s, so a 3 s SLO is breached at t=3 and a 6 s SLO never.
+    t = [float(i) for i in range(12)]
+    rate = [10.0] * 12
+    backlog = [10.0 * i if i <= 5 else 0.0 for i in range(12)]
+    assert first_breach_in_series(t, rate, backlog, slo=3) == 3.0
+    assert first_breach_in_series(t, rate, backlog, slo=6) is None
+    # A fleet that keeps up (backlog stays at one second's arrivals) never breaches a 2 s SLO.
+    assert first_breach_in_series(t, rate, [10.0] * 12, slo=2) is None
+    assert first_breach_in_series([], [], [], slo=1) is None
