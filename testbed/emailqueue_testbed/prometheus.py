@@ -37,6 +37,16 @@ RULES_FILE = REPO / "deploy" / "monitoring" / "rules" / "emailqueue.rules.yaml"
 DASHBOARD_FILE = REPO / "deploy" / "monitoring" / "dashboards" / "emailqueue-overview.json"
 OPERATOR_JOB = "emailqueue-operator"
 RABBITMQ_JOB = "rabbitmq"
+COMPONENT_PREFIX = "prometheus-"  # .testbed/prometheus-<port>.json
+
+
+def down_all() -> list[str]:
+    """Stop every Prometheus a run started and did not stop (killed tests, Ctrl-C twice)."""
+    stopped = []
+    for path in sorted(state.STATE_DIR.glob(f"{COMPONENT_PREFIX}*.json")):
+        if state.stop(path.stem):
+            stopped.append(path.stem)
+    return stopped
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w|y)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
@@ -269,6 +279,8 @@ class PrometheusServer:
         self.pid = state.spawn([binary, f"--config.file={self.workdir / 'prometheus.yml'}",
                                 f"--storage.tsdb.path={data}", f"--web.listen-address=127.0.0.1:{self.port}",
                                 "--storage.tsdb.retention.time=1d", "--log.level=warn"], log)
+        # Recorded like the test bed's components: `make testbed-down` stops one a killed run left.
+        state.save(state.Record(self.component, (self.pid,), {"url": self.url, "workdir": str(self.workdir)}))
 
         def ready() -> bool:
             try:
@@ -279,9 +291,13 @@ class PrometheusServer:
 
         state.wait_until(ready, timeout, "the test bed's Prometheus", log=log)
 
+    @property
+    def component(self) -> str:
+        return f"{COMPONENT_PREFIX}{self.port}"
+
     def stop(self) -> None:
         if self.pid is not None:
-            state.kill_group(self.pid, timeout=10)
+            state.stop(self.component)
             self.pid = None
 
     def __enter__(self) -> "PrometheusServer":

@@ -153,3 +153,45 @@ def test_smtp_records_messages_and_injects_faults(smtp):
     messages = smtp.wait_for(2)
     assert [m["rcpt_tos"] for m in messages] == [["alice@example.com"], ["bob@example.com"]]
     assert "Subject: Welcome" in messages[0]["data"]
+
+
+def test_prometheus_scrapes_loads_the_rules_and_is_stopped_by_testbed_down(tmp_path):
+    """The per-run Prometheus (alerts and dashboard proofs): on loopback, the shipped rules
+    loaded compressed, a worker target from file_sd, and recorded so `testbed-down` stops a
+    server that a killed run left behind."""
+    import time
+
+    from emailqueue_testbed import prometheus, state
+    from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+    registry = CollectorRegistry()
+    Gauge("emailworker_in_flight", "test", registry=registry).set(3)
+    port = state.free_port()
+    http_server, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
+    prom = prometheus.PrometheusServer(tmp_path, operator_target=f"127.0.0.1:{state.free_port()}",
+                                       operator_namespace="ops", worker_job="email-worker", time_factor=1 / 60)
+    prom.start()
+    try:
+        assert prom.url.startswith("http://127.0.0.1:")
+        prom.set_worker_targets({"email-worker-0": port}, "ns")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not prom.query('emailworker_in_flight{job="email-worker"}'):
+            time.sleep(0.5)
+        (series,) = prom.query('emailworker_in_flight{job="email-worker"}')
+        assert series["metric"]["namespace"] == "ns" and series["metric"]["pod"] == "email-worker-0"
+        assert series["value"][1] == "3"
+        # The operator target is down: up == 0 under the ServiceMonitor's job name.
+        while time.monotonic() < deadline and not prom.query('up{job="emailqueue-operator"}'):
+            time.sleep(0.5)
+        assert prom.query('up{job="emailqueue-operator", namespace="ops"} == 0')
+        rules = prom._get("/api/v1/rules", {})["groups"]
+        loaded = {r["name"]: r for g in rules for r in g["rules"]}
+        assert loaded["EmailQueueCongestion"]["duration"] == 3  # for: 3m × 1/60
+        # A run killed before its cleanup: the record lets testbed-down find the process.
+        pid = prom.pid
+        assert pid is not None and state.alive(pid)
+        assert prom.component in prometheus.down_all()
+        assert not state.alive(pid) and state.load(prom.component) is None
+    finally:
+        prom.stop()
+        http_server.shutdown()
