@@ -186,7 +186,7 @@ def test_prometheus_scrapes_loads_the_rules_and_is_stopped_by_testbed_down(tmp_p
         assert prom.query('up{job="emailqueue-operator", namespace="ops"} == 0')
         rules = prom._get("/api/v1/rules", {})["groups"]
         loaded = {r["name"]: r for g in rules for r in g["rules"]}
-        assert loaded["EmailQueueCongestion"]["duration"] == 3  # for: 3m × 1/60
+        assert loaded["EmailQueueOperatorDown"]["duration"] == 5  # for: 5m × 1/60
         # A run killed before its cleanup: the record lets testbed-down find the process.
         pid = prom.pid
         assert pid is not None and state.alive(pid)

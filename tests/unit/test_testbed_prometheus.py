@@ -38,7 +38,7 @@ def test_durations_format_to_the_millisecond():
 def test_compression_scales_for_and_windows_and_keeps_the_rest():
     compressed = compress_rules(SHIPPED, 1 / 15, min_range_seconds=4)
     congestion = _rule(compressed, "EmailQueueCongestion")
-    assert congestion["for"] == "12s"  # 3m / 15
+    assert congestion["for"] == "2s"  # 30s / 15
     smtp = _rule(compressed, "EmailSMTPErrorRatioHigh")
     assert smtp["for"] == "40s" and "[20s]" in smtp["expr"] and "[5m]" not in smtp["expr"]
     dead = _rule(compressed, "EmailDeadLetterGrowing")
