@@ -85,7 +85,8 @@ def alert_report(spans: Sequence["AlertSpan"], *, surge_start: float, surge_end:
     warning = None if fired_at is None or first_breach is None else round(first_breach - fired_at, 1)
     return {
         "surge_start": surge_start, "surge_end": surge_end, "slo_seconds": slo,
-        "congestion_pending_at": congestion.pending_at if congestion else None,
+        "congestion_pending_at": _r(next((s.pending_at for s in spans if s.alertname == CONGESTION
+                                          and s.pending_at is not None), None)),
         "congestion_firing_at": _r(fired_at),
         "congestion_after_onset_seconds": None if fired_at is None else round(fired_at - surge_start, 1),
         "first_slo_breach_at": _r(first_breach),

@@ -157,6 +157,9 @@ def test_alert_report_when_no_email_breached_and_when_the_alert_came_late():
     late = alert_report(spans, surge_start=15, surge_end=60, slo=15, first_breach=22, backlog_end=70,
                         run_end=100, settle_seconds=5)
     assert late["warning_seconds"] == -3 and late["fired_before_breach"] is False
+    unfired = alert_report([_span("EmailQueueCongestion", "warning", 20, None, 22)], surge_start=15, surge_end=60,
+                           slo=15, first_breach=None, backlog_end=70, run_end=100, settle_seconds=5)
+    assert unfired["congestion_pending_at"] == 20 and unfired["congestion_firing_at"] is None
     silent = alert_report([], surge_start=15, surge_end=60, slo=15, first_breach=22, backlog_end=None,
                           run_end=100, settle_seconds=5)
     assert silent["congestion_firing_at"] is None and silent["fired_before_breach"] is None
