@@ -52,8 +52,10 @@ spec:
 def helm_env(kube_env: Any, home: Path) -> dict[str, str]:
     env = kube_env.env()
     # Helm's cache/config/data inside the test's temp dir: no state shared with the user's helm.
+    # KUBECACHEDIR: helm's discovery cache apart from kubectl's (~/.kube/cache), so a CRD a chart test
+    # installs in a group of its own never makes `kubectl get emailqueue` ambiguous for later tests.
     env.update(HELM_CACHE_HOME=str(home / "cache"), HELM_CONFIG_HOME=str(home / "config"),
-               HELM_DATA_HOME=str(home / "data"))
+               HELM_DATA_HOME=str(home / "data"), KUBECACHEDIR=str(home / "kube-cache"))
     return env
 
 

@@ -79,12 +79,19 @@ def test_helm_upgrade_from_v0_1_serves_the_new_crd_field(kube_env: Any, helm: He
     crd_name = f"emailqueues.{group}"
     assert "metricsSource" not in (old / "crds" / "emailqueue.dev_emailqueues.yaml").read_text(), \
         f"the chart of {commit[:8]} already has the field: pick a newer one for this test"
+    # This test's kubectl keeps its discovery cache apart: the shared one (~/.kube/cache) must never
+    # learn of the private group, or every later `kubectl get emailqueue` is ambiguous until it expires.
+    cache = tmp_path / "kubectl-cache"
+
+    def kubectl(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return kube_env.kubectl("--cache-dir", str(cache), *args, **kwargs)
+
     private_group(old / "crds" / "emailqueue.dev_emailqueues.yaml", group)
     private_group(new / "templates" / "crds" / "emailqueue.dev_emailqueues.yaml", group)
     try:
         helm("install", release, str(old), "-n", namespace)
         assert yaml.safe_load((old / "Chart.yaml").read_text())["version"] == "0.1.0"
-        refused = kube_env.kubectl("-n", namespace, "create", "--dry-run=server", "-f", "-", check=False,
+        refused = kubectl("-n", namespace, "create", "--dry-run=server", "-f", "-", check=False,
                                    input=emailqueue_with_metrics_source(group, "probe"))
         assert refused.returncode != 0 and "metricsSource" in refused.stderr, "v0.1's CRD must lack the field"
 
@@ -96,21 +103,22 @@ def test_helm_upgrade_from_v0_1_serves_the_new_crd_field(kube_env: Any, helm: He
         errors: list[str] = []
 
         def created() -> bool:
-            result = kube_env.kubectl("-n", namespace, "apply", "-f", "-", check=False,
+            result = kubectl("-n", namespace, "apply", "-f", "-", check=False,
                                       input=emailqueue_with_metrics_source(group, "upgraded"))
             errors.append(result.stderr)
             return result.returncode == 0
 
         assert wait_for_or_false(created, 15), errors[-1]
-        stored = json.loads(kube_env.kubectl("-n", namespace, "get", crd_name, "upgraded", "-o", "json").stdout)
+        stored = json.loads(kubectl("-n", namespace, "get", crd_name, "upgraded", "-o", "json").stdout)
         assert stored["spec"]["broker"]["metricsSource"] == "amqp", "the field must be served, not pruned"
-        crd = json.loads(kube_env.kubectl("get", "crd", crd_name, "-o", "json").stdout)["metadata"]
+        crd = json.loads(kubectl("get", "crd", crd_name, "-o", "json").stdout)["metadata"]
         assert crd["annotations"]["meta.helm.sh/release-name"] == release
         assert crd["annotations"]["helm.sh/resource-policy"] == "keep"
 
         helm("upgrade", release, str(new), "-n", namespace)  # owned now: later upgrades need nothing
         helm("uninstall", release, "-n", namespace)
-        kube_env.kubectl("get", "crd", crd_name)  # kept, and with it every EmailQueue
-        kube_env.kubectl("-n", namespace, "get", crd_name, "upgraded")
+        kubectl("get", "crd", crd_name)  # kept, and with it every EmailQueue
+        kubectl("-n", namespace, "get", crd_name, "upgraded")
     finally:
-        kube_env.kubectl("delete", "crd", crd_name, "--wait=false", check=False)
+        # Gone before the next test: a kubectl that discovered both groups would find `emailqueue` ambiguous.
+        kubectl("delete", "crd", crd_name, "--timeout=60s", check=False)
