@@ -60,7 +60,9 @@ def test_dashboard_and_alerts_query_only_what_the_processes_export(kube_env, nam
         env={**os.environ, "AMQP_URL": vhost, "SMTP_HOST": smtp.host, "SMTP_PORT": str(smtp.port)},
         stdout=open(tmp_path / "worker.log", "wb"), stderr=subprocess.STDOUT)
     try:
-        operator = start_operator(namespace)
+        # As the chart runs it (leader election on): the leader gauge is part of what is exported.
+        operator = start_operator(namespace, "--leader-elect", "--leader-election-namespace", namespace,
+                                  "--leader-election-id", "metrics-contract")
         worker_scrape = wait_for(lambda: _scrape(worker_port), 30, "the worker's /metrics")
         operator_scrape = wait_for(lambda: (s := _scrape(operator.metrics_port)) and "emailqueue_replicas_desired{" in s
                                    and s, 30, "the operator's per-EmailQueue metrics")
