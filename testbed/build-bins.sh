@@ -111,14 +111,20 @@ build_helm() {
   install_bin helm "$v" helm.new
 }
 
+# prometheus_module CMD: cd into the wrapper module of github.com/prometheus/prometheus and get CMD
+# (promtool and the server share it, so the second build reuses the first's downloads).
+prometheus_module() {
+  local dir="$SRC/prometheus-$PROMETHEUS_VERSION"
+  mkdir -p "$dir" && cd "$dir"
+  [ -f go.mod ] || printf 'module emailqueue.dev/testbed/prometheus\n\ngo 1.26\n' >go.mod
+  go get "github.com/prometheus/prometheus/cmd/$1@$PROMETHEUS_VERSION"
+}
+
 build_promtool() {
   local v=$PROMETHEUS_VERSION
   have promtool "$v" && return
-  local dir="$SRC/prometheus-$v"
-  mkdir -p "$dir" && cd "$dir"
   log "promtool (prometheus module $v)"
-  printf 'module emailqueue.dev/testbed/prometheus\n\ngo 1.26\n' >go.mod
-  go get "github.com/prometheus/prometheus/cmd/promtool@$v"
+  prometheus_module promtool
   go build -trimpath -ldflags "-s -w -X github.com/prometheus/common/version.Version=$v" -o promtool.new github.com/prometheus/prometheus/cmd/promtool
   install_bin promtool "$v" promtool.new
 }
@@ -129,11 +135,8 @@ build_promtool() {
 build_prometheus() {
   local v=$PROMETHEUS_VERSION
   have prometheus "$v" && return
-  local dir="$SRC/prometheus-$v"
-  mkdir -p "$dir" && cd "$dir"
   log "prometheus server (prometheus module $v)"
-  [ -f go.mod ] || printf 'module emailqueue.dev/testbed/prometheus\n\ngo 1.26\n' >go.mod
-  go get "github.com/prometheus/prometheus/cmd/prometheus@$v"
+  prometheus_module prometheus
   go build -trimpath -tags remove_all_sd -ldflags "-s -w -X github.com/prometheus/common/version.Version=$v" \
     -o prometheus.new github.com/prometheus/prometheus/cmd/prometheus
   install_bin prometheus "$v" prometheus.new

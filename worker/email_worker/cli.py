@@ -244,18 +244,25 @@ def cmd_publish(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return 1 if errors else 0
 
 
-def cmd_declare(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+def _connect(url: str) -> Any:
+    """A blocking AMQP connection, or None after saying why on stderr (credentials redacted)."""
     import pika
     import pika.exceptions
 
+    try:
+        return pika.BlockingConnection(pika.URLParameters(url))
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        print(f"error: cannot connect to {redact_url(url)}: {type(exc).__name__}", file=sys.stderr)
+        return None
+
+
+def cmd_declare(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from email_worker.topology import declare
 
     topology = _topology(args)
     url = _amqp_url(args, env)
-    try:
-        connection = pika.BlockingConnection(pika.URLParameters(url))
-    except (pika.exceptions.AMQPError, OSError) as exc:
-        print(f"error: cannot connect to {redact_url(url)}: {type(exc).__name__}", file=sys.stderr)
+    connection = _connect(url)
+    if connection is None:
         return 1
     try:
         declared = declare(connection.channel(), topology)
@@ -280,16 +287,13 @@ def cmd_declare(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def cmd_move(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    import pika
     import pika.exceptions
 
     from email_worker.topology import move_messages
 
     url = _amqp_url(args, env)
-    try:
-        connection = pika.BlockingConnection(pika.URLParameters(url))
-    except (pika.exceptions.AMQPError, OSError) as exc:
-        print(f"error: cannot connect to {redact_url(url)}: {type(exc).__name__}", file=sys.stderr)
+    connection = _connect(url)
+    if connection is None:
         return 1
     try:
         channel = connection.channel()
