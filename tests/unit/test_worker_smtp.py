@@ -204,7 +204,10 @@ def test_partially_refused_recipients_are_reported_not_raised(server: tuple[Cont
 
     handler.handle_RCPT = handle_RCPT  # type: ignore[attr-defined]
     raw = '{"id": "p1", "to": ["a@example.com", "b@example.com"], "from": "x@example.com", "text": "t"}'
-    refused = SmtpSender(SmtpConfig(host="127.0.0.1", port=controller.port, timeout=5)).send(
-        parse_message(raw.encode(), None))
+    sender = SmtpSender(SmtpConfig(host="127.0.0.1", port=controller.port, timeout=5))
+    try:
+        refused = sender.send(parse_message(raw.encode(), None))
+    finally:
+        sender.close()  # an open session holds the server's stop() for its whole timeout
     assert refused == {"b@example.com": (450, "4.2.1 mailbox busy")}
     assert handler.received[0].rcpt_tos == ["a@example.com"]
