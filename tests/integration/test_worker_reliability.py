@@ -47,6 +47,7 @@ from email_worker.topology import Topology, declare
 from email_worker.worker import Worker, WorkerConfig
 from emailqueue_testbed import state
 from emailqueue_testbed.prometheus import PrometheusServer
+from tests.integration.test_worker_delivery import drain_queue
 
 pytestmark = pytest.mark.integration
 
@@ -386,22 +387,8 @@ def test_reject_publish_nacks_are_raised_by_the_publisher_never_lost(vhost_on: t
         assert time.monotonic() - started >= 0.1  # retried (0.05 + 0.1 s) before giving up
     assert len(confirmed) >= 2
     # Every confirmed job is in the queue, the refused one is not: nothing silently dropped.
-    stored = [json.loads(body)["id"] for body in _bodies(url, "emails")]
+    stored = [json.loads(body)["id"] for _, body in drain_queue(url, "emails")]
     assert stored == confirmed
-
-
-def _bodies(url: str, queue: str) -> list[bytes]:
-    connection = pika.BlockingConnection(pika.URLParameters(url))
-    bodies = []
-    try:
-        channel = connection.channel()
-        while True:
-            method, _, body = channel.basic_get(queue, auto_ack=True)
-            if method is None:
-                return bodies
-            bodies.append(body)
-    finally:
-        connection.close()
 
 
 # -- drains do not consume the poison budget ---------------------------------------------------
