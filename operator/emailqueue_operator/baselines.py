@@ -1,6 +1,6 @@
 """Scaling policies the simulator compares ours against, and the bounds it judges ours by.
 
-This module owns, all implementing `sim.Policy`:
+This module owns, all implementing `sim_model.Policy`:
 
 - `KedaQueueLength` — KEDA's RabbitMQ scaler in `QueueLength` mode behind an HPA
   (legacy behavior, i.e. no `behavior:` block in the ScaledObject), as KEDA runs by
@@ -20,7 +20,7 @@ This module owns, all implementing `sim.Policy`:
   `tune_keda_queue_length(scenario)`.
 
 Bounds — lower bounds that hold by construction in the simulator's model. The model's
-assumptions (sim.py): fluid FIFO arrivals fixed by the scenario; a pod exists from the
+assumptions (sim_model.py): fluid FIFO arrivals fixed by the scenario; a pod exists from the
 moment it is asked for and serves `rate_per_replica` once `startup_seconds` have passed;
 the provider cap limits the total; at t=0 every policy has the steady fleet for the base
 rate (`Scenario.initial_replicas`), all ready; every policy keeps min ≤ pods ≤ max.
@@ -44,7 +44,7 @@ rate (`Scenario.initial_replicas`), all ready; every policy keeps min ≤ pods �
 Acceptance ratios (`sim.acceptance`) are against these two, never against a reference
 policy.
 
-Observation modes (`sim.OBSERVATION_MODES`): every realistic policy runs under the mode
+Observation modes (`sim_model.OBSERVATION_MODES`): every realistic policy runs under the mode
 it is given (`observation` attribute). KEDA's RabbitMQ scaler reads the broker the way the
 mode allows: `QueueLength` over the HTTP API counts `messages` (ready + unacked: the
 `management` and `management-nocollector` modes; under `prometheus`, KEDA's Prometheus
@@ -102,13 +102,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Sequence
 
-from .sim import (
+from .sim_model import (
     DEFAULT_OBSERVATION,
     EPSILON,
     Policy,
     Scenario,
     Series,
     SimView,
+    not_applicable,
     observation_mode,
     simulate,
 )
@@ -683,7 +684,8 @@ class OurPolicy:
 
     def __init__(self, spec_mapping: Mapping[str, Any], start_epoch: float = 0.0, name: str = "ours",
                  observation: str = DEFAULT_OBSERVATION) -> None:
-        from . import scaling, spec as spec_module  # imported here: baselines must work without them
+        from . import scaling  # imported here: baselines must work without them
+        from . import spec as spec_module
 
         self._scaling = scaling
         self.spec = spec_module.parse_spec(spec_mapping)
@@ -794,21 +796,21 @@ def default_policies(scenario: Scenario, include_ours: bool = True, tuned_value:
                      observation: str = DEFAULT_OBSERVATION, applicable_only: bool = True) -> list[Policy]:
     """Every policy side by side under one observation mode, fresh (policies keep state;
     never reuse one across runs), the wait floor included. `applicable_only` drops the ones
-    needing a field the mode hides (`sim.not_applicable`); `compare` keeps them to list
+    needing a field the mode hides (`sim_model.not_applicable`); `compare` keeps them to list
     them as not applicable."""
-    from .sim import not_applicable
-
     mode = observation_mode(observation).name
     if tuned_value is None:
         tuned_value, _ = tune_keda_queue_length(scenario, observation=mode)
-    limits = dict(min_replicas=scenario.min_replicas, max_replicas=scenario.max_replicas, observation=mode)
     policies: list[Policy] = [
         StaticFleet(static_replicas(scenario)),
         keda_queue_length(scenario, observation=mode),
         keda_queue_length(scenario, name="keda-queuelength-cached", observation=mode, use_cached_metrics=True),
         keda_queue_length(scenario, tuned_value, name="keda-queuelength-tuned", observation=mode),
-        KedaMessageRate(value=scenario.rate_per_replica, name="keda-messagerate", **limits),
-        KedaExpectedConsumptionTime(value=scenario.drain_seconds, name="keda-expected-consumption-time", **limits),
+        KedaMessageRate(value=scenario.rate_per_replica, name="keda-messagerate", min_replicas=scenario.min_replicas,
+                        max_replicas=scenario.max_replicas, observation=mode),
+        KedaExpectedConsumptionTime(value=scenario.drain_seconds, name="keda-expected-consumption-time",
+                                    min_replicas=scenario.min_replicas, max_replicas=scenario.max_replicas,
+                                    observation=mode),
         IdealReactive(scenario),
         Clairvoyant(scenario),
         CausalWaitFloor(scenario),
