@@ -24,6 +24,7 @@ import pika
 import pika.exceptions
 import requests
 import requests.adapters
+from email_worker.backoff import Backoff
 
 AMQP_DEFAULT_PORT = 5672
 AMQPS_DEFAULT_PORT = 5671
@@ -327,27 +328,18 @@ def http_get(session: requests.Session, backoff: "_Backoff", what: str, url: str
 
 # --- AMQP -------------------------------------------------------------------------
 
-class _Backoff:
-    """Exponential backoff between connection attempts to one broker (no busy loop)."""
+class _Backoff(Backoff):
+    """Exponential backoff between connection attempts to one broker (no busy loop): an
+    attempt inside the wait is refused with a `BrokerError` naming the broker and the last
+    error, never the credentials."""
 
     def __init__(self, base: float = 1.0, cap: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.base, self.cap, self.clock = base, cap, clock
-        self.failures = 0
-        self.next_try = 0.0
-        self.last_error = ""
+        super().__init__(base=base, cap=cap, clock=clock)
 
     def check(self, display: str) -> None:
-        wait = self.next_try - self.clock()
+        wait = self.remaining()
         if wait > 0:
             raise BrokerError(f"broker {display} unreachable ({self.last_error}); next attempt in {wait:.0f}s")
-
-    def failed(self, error: str) -> None:
-        self.failures += 1
-        self.last_error = error
-        self.next_try = self.clock() + min(self.cap, self.base * 2 ** (self.failures - 1))
-
-    def succeeded(self) -> None:
-        self.failures, self.next_try, self.last_error = 0, 0.0, ""
 
 
 class AmqpProbe:

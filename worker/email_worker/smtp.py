@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import smtplib
 import ssl
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.message import Message
 from typing import Literal
 
+from email_worker.backoff import Backoff
 from email_worker.message import EmailJob, build_email
 from email_worker.routing import SmtpSessionError
 
@@ -55,9 +55,7 @@ class SmtpSender:
         self.config = config
         self._smtp: smtplib.SMTP | None = None
         self._on_connect = on_connect
-        self._backoff_initial, self._backoff_max = backoff_initial, backoff_max
-        self._connect_failures = 0
-        self._next_connect_at = 0.0
+        self._connect_backoff = Backoff(base=backoff_initial, cap=backoff_max)
 
     def ready_in(self) -> float:
         """Seconds until the next connection attempt is allowed (0 when connected or no backoff).
@@ -67,7 +65,7 @@ class SmtpSender:
         """
         if self._smtp is not None:
             return 0.0
-        return max(0.0, self._next_connect_at - time.monotonic())
+        return self._connect_backoff.remaining()
 
     def send(self, job: EmailJob) -> dict[str, tuple[int, str]]:
         """Deliver the job; raise on anything but a 250 for the transaction.
@@ -110,11 +108,9 @@ class SmtpSender:
             try:
                 self._smtp = self._connect()
             except BaseException:
-                self._connect_failures += 1
-                delay = min(self._backoff_max, self._backoff_initial * 2 ** min(self._connect_failures - 1, 16))
-                self._next_connect_at = time.monotonic() + delay
+                self._connect_backoff.failed()
                 raise
-            self._connect_failures = 0
+            self._connect_backoff.succeeded()
         return self._smtp
 
     def _connect(self) -> smtplib.SMTP:

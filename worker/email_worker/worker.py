@@ -35,7 +35,6 @@ import functools
 import logging
 import os
 import queue
-import random
 import socket
 import threading
 import time
@@ -47,6 +46,7 @@ import pika
 import pika.exceptions
 import pika.spec
 
+from email_worker.backoff import backoff_delay
 from email_worker.circuit import CircuitBreaker
 from email_worker.logs import redact_text, redact_url
 from email_worker.message import (
@@ -294,9 +294,9 @@ class Worker:
             return None
 
     def _backoff(self, failures: int) -> float:
-        base = min(self.config.broker_backoff_max, 0.5 * 2 ** min(max(failures - 1, 0), 16))
         # Jitter so a fleet restarting together does not hammer the broker in lockstep.
-        return base * random.uniform(0.8, 1.2)
+        cap = self.config.broker_backoff_max
+        return backoff_delay(failures, base=min(0.5, cap), cap=cap, jitter=0.2)
 
     def _consume(self, connection: Any) -> None:
         cfg = self.config
