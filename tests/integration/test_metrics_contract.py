@@ -12,31 +12,12 @@ import yaml
 
 from emailqueue_testbed.state import free_port
 
+from ..exposition import series_names
 from ..unit.test_alerts import RULES
 from ..unit.test_dashboard import PROMETHEUS_SYNTHETIC, _queries, load_dashboard, promql_metric_names
 from .support import amqp_secret, emailqueue, wait_for, worker_deployment
 
 pytestmark = pytest.mark.integration
-
-SERIES_SUFFIXES = {"histogram": ("_bucket", "_sum", "_count", "_created"), "gauge": ("",),
-                   "summary": ("", "_sum", "_count", "_created")}
-
-
-def exposed(scrape: str) -> set[str]:
-    """Series names a Prometheus server would store from one scrape (from the # TYPE lines,
-    so labelled metrics count even before their first sample)."""
-    names: set[str] = set()
-    for line in scrape.splitlines():
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split()
-            if kind == "counter":  # the text format's TYPE line already names the _total series
-                names.add(name if name.endswith("_total") else name + "_total")
-            else:
-                names.update(name + suffix for suffix in SERIES_SUFFIXES.get(kind, ("",)))
-        elif line and not line.startswith("#"):
-            names.add(line.split("{", 1)[0].split(" ", 1)[0])
-    return names
-
 
 def _scrape(port: int) -> str | None:
     try:
@@ -69,7 +50,7 @@ def test_dashboard_and_alerts_query_only_what_the_processes_export(kube_env, nam
     finally:
         worker.terminate()
         worker.wait(30)
-    names = exposed(worker_scrape) | exposed(operator_scrape) | PROMETHEUS_SYNTHETIC
+    names = series_names(worker_scrape) | series_names(operator_scrape) | PROMETHEUS_SYNTHETIC
 
     queries = [(f"dashboard: {where}", expr) for where, expr in _queries(load_dashboard())]
     rules = yaml.safe_load(RULES.read_text())

@@ -8,6 +8,7 @@ import pytest
 
 from emailqueue_testbed.state import free_port
 
+from ..exposition import series_names
 from .support import wait_for
 
 pytestmark = pytest.mark.integration
@@ -28,6 +29,6 @@ def test_liveness_and_metrics_answer(kube_env, crds, namespace, start_operator):
                             "the liveness endpoint")
     assert "brokerConnections" in json.loads(body)["pollers"]
     status, scrape = _get(f"http://127.0.0.1:{operator.metrics_port}/metrics")
-    assert status == 200 and "emailqueue_broker_connections" in scrape
+    assert status == 200 and "emailqueue_broker_connections" in series_names(scrape)
     operator.stop()
     assert _get(f"http://127.0.0.1:{health_port}/healthz")[0] == 0

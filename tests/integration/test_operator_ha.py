@@ -21,6 +21,7 @@ import pika
 import pytest
 from kubernetes import client
 
+from ..exposition import sample_values
 from .support import amqp_secret, emailqueue, publish_steadily, wait_for, worker_deployment
 
 pytestmark = pytest.mark.integration
@@ -37,11 +38,6 @@ def _scrape(port: int) -> str:
         return resp.read().decode()
 
 
-def _sample(scrape: str, name: str) -> float | None:
-    for line in scrape.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    return None
 
 
 def counts_of(samples: list[tuple[float, int]]) -> list[int]:
@@ -91,10 +87,10 @@ def test_follower_takes_over_from_a_killed_leader_without_double_scaling(kube_en
 
         # Only the leader polls and scales; the follower says so in its metrics.
         leader_scrape, follower_scrape = (_scrape(operators[n].metrics_port) for n in (leader, follower))
-        assert _sample(leader_scrape, "emailqueue_operator_leader") == 1.0
-        assert _sample(follower_scrape, "emailqueue_operator_leader") == 0.0
-        assert _sample(follower_scrape, "emailqueue_scale_actions_total") is None, "the follower scaled"
-        assert _sample(follower_scrape, "emailqueue_replicas_desired") is None, "the follower polled"
+        assert sample_values(leader_scrape, "emailqueue_operator_leader") == [1.0]
+        assert sample_values(follower_scrape, "emailqueue_operator_leader") == [0.0]
+        assert sample_values(follower_scrape, "emailqueue_scale_actions_total") == [], "the follower scaled"
+        assert sample_values(follower_scrape, "emailqueue_replicas_desired") == [], "the follower polled"
 
         operators[leader].proc.kill()  # SIGKILL: no hand-over, the Lease must run out
         killed = time.monotonic()
@@ -118,8 +114,8 @@ def test_follower_takes_over_from_a_killed_leader_without_double_scaling(kube_en
     lease = _holder(kube_env, namespace)
     assert lease["holderIdentity"] == follower and lease["leaseTransitions"] == 1
     new_scrape = _scrape(operators[follower].metrics_port)
-    assert _sample(new_scrape, "emailqueue_operator_leader") == 1.0
-    assert (_sample(new_scrape, "emailqueue_scale_actions_total") or 0) >= 1
+    assert sample_values(new_scrape, "emailqueue_operator_leader") == [1.0]
+    assert sum(sample_values(new_scrape, "emailqueue_scale_actions_total")) >= 1
 
     # A graceful stop (rolling update, node drain) hands the Lease over instead of letting it run out.
     operators[follower].stop()

@@ -28,6 +28,8 @@ import pytest
 from email_worker.publisher import Publisher
 from email_worker.routing import RetryPolicy, parse_tiers
 from email_worker.topology import Topology
+
+from ..exposition import sample_values
 from emailqueue_testbed import state
 from emailqueue_testbed.smtp import SmtpControl
 
@@ -93,11 +95,11 @@ class WorkerProcess:
         except OSError:
             return None
 
-    def metric(self, name: str) -> float:
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """The sum of the `name` series whose labels include `labels`, as the worker serves them."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
             text = resp.read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name) and not line.startswith("#"))
+        return sum(sample_values(text, name, labels))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> tuple[int, float]:
         started = time.monotonic()
@@ -251,7 +253,7 @@ def test_malformed_jobs_go_to_the_dead_queue_with_a_reason_and_good_ones_still_f
         assert expected_reason[name] in props.headers["x-death-detail"], props.headers
         assert body == bad[name]  # parked intact, so it can be fixed and replayed
         assert props.delivery_mode == 2
-    assert worker.metric('emailworker_emails_dead_lettered_total{reason="invalid"}') == len(bad)
+    assert worker.metric("emailworker_emails_dead_lettered_total", {"reason": "invalid"}) == len(bad)
     assert not any("Hello number" in json.dumps(line) for line in worker.log_lines())  # no bodies in logs
 
 
@@ -267,7 +269,7 @@ def test_temporary_smtp_failures_are_retried_until_delivered(vhost: str, sink: S
     report_duplicates("4xx retries", counts)
     assert set(counts) == set(ids)
     assert worker.metric("emailworker_emails_retried_total") >= 10
-    assert worker.metric('emailworker_emails_failed_total{class="temporary"}') >= 10
+    assert worker.metric("emailworker_emails_failed_total", {"class": "temporary"}) >= 10
     assert queue_depth(vhost, "emails.dead") == 0
 
 
@@ -289,7 +291,7 @@ def test_permanent_failures_and_exhausted_retries_are_dead_lettered(
     assert dead["exhausted-1"]["x-death-reason"] == "exhausted"
     assert dead["exhausted-1"]["x-attempts"] == 3
     assert "rejected-1" not in delivered_ids(sink) and "exhausted-1" not in delivered_ids(sink)
-    assert worker.metric('emailworker_emails_failed_total{class="permanent"}') == 1
+    assert worker.metric("emailworker_emails_failed_total", {"class": "permanent"}) == 1
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
@@ -383,7 +385,7 @@ def test_an_smtp_outage_delays_mail_but_loses_none(vhost: str, start_worker: Cal
     wait_until(lambda: worker.probe("/healthz") == 200 and worker.metric("emailworker_smtp_circuit_open") == 1,
                30, "the SMTP circuit to open while SMTP is down")
     assert worker.probe("/readyz") == 503
-    wait_until(lambda: worker.metric('emailworker_emails_failed_total{class="sender"}') >= 3, 30,
+    wait_until(lambda: worker.metric("emailworker_emails_failed_total", {"class": "sender"}) >= 3, 30,
                "failed probes while SMTP is down")
     assert worker.metric("emailworker_emails_retried_total") == 0
 
