@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import pytest
 
@@ -132,14 +133,23 @@ def rabbitmq(request: pytest.FixtureRequest) -> RabbitMQ:
     return RabbitMQ(_component(request, rabbit))
 
 
-@pytest.fixture(scope="module")
-def private_rabbitmq() -> Iterator[RabbitMQ]:
-    """A RabbitMQ node of the test module's own, for outage tests that stop and start it
-    (stopping the shared node would break every other test running against it)."""
+@pytest.fixture(scope="session")
+def _private_node() -> Iterator[RabbitMQ]:
     component = f"rabbitmq-private-{os.getpid()}"
     broker = RabbitMQ(rabbit.up(component=component))
     yield broker
     rabbit.down(component)
+
+
+@pytest.fixture
+def private_rabbitmq(_private_node: RabbitMQ) -> RabbitMQ:
+    """A RabbitMQ node apart from the shared one, for outage tests that stop, kill and start it
+    (stopping the shared node would break every other test running against it). One node serves
+    every such test of the session (a node costs ~35 s to start and stop); a test that left it
+    down gets it started again before the next one."""
+    if not rabbit.healthy(_private_node.record):
+        _private_node.start_broker()
+    return _private_node
 
 
 @pytest.fixture
