@@ -12,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
-from typing import Any, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
 
 import kopf
 from prometheus_client import REGISTRY
@@ -27,8 +30,9 @@ from .scaling import PolicyState
 
 GROUP, VERSION, PLURAL = kube.GROUP, kube.VERSION, kube.PLURAL
 
+TARGETS = kube.WatchedTargets()
 CONTEXT = Context(pool=BrokerPool(), secrets=kube.SecretCache(), metrics=OperatorMetrics(REGISTRY),
-                  may_scale=LEADERSHIP.may_scale)
+                  targets=TARGETS, may_scale=LEADERSHIP.may_scale)
 
 
 # v0.1 ran kopf daemons, which put this finalizer on every EmailQueue. No handler needs
@@ -37,25 +41,36 @@ CONTEXT = Context(pool=BrokerPool(), secrets=kube.SecretCache(), metrics=Operato
 LEGACY_FINALIZER = "emailqueue.dev/operator"
 
 
+# Threads that run the blocking part of polls (pika, the kubernetes client), status
+# patches and deletion checks: asyncio's default executor, sized here (its own default
+# is min(32, cores + 4)). kopf's `settings.execution.max_workers` is not this: it sizes
+# kopf's executor for sync handlers, and the only ones here are the probe and start-up.
+# A poll mostly waits on the broker and the apiserver; more threads than this only add
+# memory and GIL contention.
+POLL_THREADS = int(os.environ.get("EMAILQUEUE_POLL_THREADS", "16"))
+
+
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.finalizer = LEGACY_FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="emailqueue.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="emailqueue.dev")
     settings.posting.level = logging.WARNING  # our own events are posted explicitly
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 30
-    settings.execution.max_workers = 32
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=POLL_THREADS, thread_name_prefix="poll"))
 
 
 log = logging.getLogger("emailqueue_operator")
 
 
-def _post(body: kopf.Body, namespace: str, name: str, result: PollResult) -> None:
+def _post(body: Mapping[str, Any], namespace: str, name: str, result: PollResult) -> None:
     """Post the poll's Kubernetes Events and log them (not through kopf's object
-    logger, which would post them a second time)."""
+    logger, which would post them a second time). kopf reads only apiVersion, kind and
+    metadata of the body, from any mapping (a slimmed one here)."""
     for event in result.events:
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        kopf.event(cast(kopf.Body, body), type=event.type, reason=event.reason, message=event.message)
         log.log(logging.WARNING if event.type == "Warning" else logging.INFO, "%s/%s %s: %s", namespace, name,
                 event.reason, event.message)
 
@@ -109,6 +124,24 @@ class TargetClaims:
 CLAIMS = TargetClaims()
 
 
+KEPT_METADATA = ("name", "namespace", "uid", "generation", "creationTimestamp", "deletionTimestamp")
+KEPT_STATUS = ("policy", "conditions")
+
+
+def slim(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What a loop needs of a watched EmailQueue. The body also carries managedFields and
+    kubectl's last-applied copy (kilobytes each) and the rest of the status; a loop holds
+    its body between events, so five thousand loops would hold all of that."""
+    meta = body.get("metadata") or {}
+    kept: dict[str, Any] = {key: meta[key] for key in KEPT_METADATA if key in meta}
+    ours = {key: value for key, value in (meta.get("annotations") or {}).items() if key.startswith("emailqueue.dev/")}
+    if ours:
+        kept["annotations"] = ours
+    status = body.get("status") or {}
+    return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": kept,
+            "spec": body.get("spec") or {}, "status": {key: status[key] for key in KEPT_STATUS if key in status}}
+
+
 class ScaleLoop:
     """One EmailQueue's poll loop: an asyncio task of its own, fed the latest body by the watch.
 
@@ -139,7 +172,8 @@ class ScaleLoops:
 
     def observe(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         """Start, refresh or stop the loop of the EmailQueue an event is about (event loop thread)."""
-        meta = body.get("metadata") or {}
+        body = slim(body)
+        meta = body["metadata"]
         uid = str(meta.get("uid") or "")
         loop = self._loops.get(uid)
         if event_type == "DELETED" or meta.get("deletionTimestamp"):
@@ -192,11 +226,11 @@ def emailqueue_gone(namespace: str, name: str, uid: str) -> bool:
 
     api = client.CustomObjectsApi(kube.api_client())
     try:
-        resp = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, _request_timeout=10,
-                                                _preload_content=False)
-        current = json.loads(resp.data)
+        resp: Any = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, _request_timeout=10,
+                                                     _preload_content=False)
+        current = json.loads(kube.drain(resp))
     except ApiException as exc:
-        return exc.status == 404
+        return bool(exc.status == 404)
     except Exception:  # unreachable apiserver: keep serving it, ask again later
         return False
     return str((current.get("metadata") or {}).get("uid") or "") != uid
@@ -246,7 +280,7 @@ async def scale_loop(loop: ScaleLoop) -> None:
                 result = await asyncio.to_thread(poll, snapshot, state, CONTEXT, claims)
             except Exception as exc:  # a bug past gather's guard: report it, keep the loop alive
                 log.exception("%s/%s: poll failed unexpectedly", namespace, name)
-                kopf.exception(body, reason="PollFailed", message=f"{type(exc).__name__}: {exc}")
+                kopf.exception(cast(kopf.Body, body), reason="PollFailed", message=f"{type(exc).__name__}: {exc}")
                 await _sleep(loop.stopped, 30)
                 next_at = aio.time()
                 continue
@@ -280,7 +314,7 @@ async def _sleep(stopped: asyncio.Event, seconds: float) -> None:
     """Sleep, waking early when the loop is stopped."""
     try:
         await asyncio.wait_for(stopped.wait(), timeout=seconds)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
 
 
@@ -294,7 +328,8 @@ async def track(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     A watching handler needs no finalizer; kopf strips the one v0.1 put on (its name is
     still `settings.persistence.finalizer`) at the first event it sees of such an object.
     """
-    LOOPS.observe(event.get("type"), body)
+    raw = event.get("object")  # plain dicts: kopf's Body views would keep the whole event alive
+    LOOPS.observe(event.get("type"), raw if isinstance(raw, Mapping) else body)
 
 
 @kopf.on.cleanup()
@@ -302,6 +337,7 @@ async def stop_loops(**_: Any) -> None:
     """Stop polling before the process (and its Lease) goes: no scale after the hand-over."""
     await LOOPS.stop_all(timeout=10.0)
     CONTEXT.pool.close()
+    TARGETS.close()
 
 
 @kopf.on.probe(id="pollers")

@@ -17,8 +17,9 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from . import conditions, kube
 from .metrics import OperatorMetrics
@@ -48,7 +49,8 @@ class Context:
     pool: BrokerPool
     secrets: kube.SecretCache
     metrics: OperatorMetrics
-    targets: kube.TargetCache = field(default_factory=kube.TargetCache)
+    targets: kube.TargetReader = field(default_factory=kube.WatchedTargets)
+    """Scale targets and HPAs (watched: no request per poll)."""
     clock: Any = time.time
     may_scale: Callable[[], bool] = lambda: True
     """False once this replica may no longer scale (leader election: the Lease is lost)."""
@@ -97,7 +99,8 @@ def _http_endpoint(spec: EmailQueueSpec, namespace: str, secrets: kube.SecretCac
     url = kube.secret_value(data, namespace, ref.name, ref.url_key).strip()
     user = kube.secret_value(data, namespace, ref.name, ref.username_key) if ref.username_key else default_user
     password = kube.secret_value(data, namespace, ref.name, ref.password_key) if ref.password_key else default_password
-    tls = TlsOptions(True, None, None, spec.broker.tls.insecure_skip_verify) if url.startswith("https") else TlsOptions()
+    https = url.startswith("https")
+    tls = TlsOptions(True, None, None, spec.broker.tls.insecure_skip_verify) if https else TlsOptions()
     return url, user, password, tls
 
 
@@ -128,9 +131,10 @@ def probe(spec: EmailQueueSpec, namespace: str, ctx: Context) -> QueueStats:
     source = broker.source
     if source == "prometheus":
         endpoint = prometheus_endpoint(spec, namespace, ctx.secrets)
-        return ctx.pool.prometheus(endpoint).queue_stats(
+        stats: QueueStats = ctx.pool.prometheus(endpoint).queue_stats(
             amqp.vhost, queue=broker.queue, queue_regex=broker.queue_regex, how=broker.aggregate,
             window_seconds=counter_rate_window(spec.behavior.poll_seconds))
+        return stats
     if source == "management":
         mgmt = management_endpoint(spec, namespace, ctx.secrets, amqp)
         if mgmt is None:
@@ -181,7 +185,7 @@ def gather(body: Mapping[str, Any], ctx: Context, claims: Sequence[tuple[str, st
     if owner is not None:
         return facts(spec=spec, target=target, claimed_by=owner)
     try:
-        hpas = tuple(kube.conflicting_hpas(namespace, ref.kind, ref.name))
+        hpas = tuple(ctx.targets.conflicting_hpas(namespace, ref.kind, ref.name))
     except Exception as exc:  # unknown HPAs must not stop scaling; the failure is logged
         log.warning("%s/%s: listing HorizontalPodAutoscalers failed: %s", namespace, name, _failure(exc, "").message)
         hpas = ()
@@ -213,8 +217,8 @@ def act(namespace: str, name: str, facts: Facts, step: Plan, ctx: Context, now: 
             if not ctx.may_scale():
                 raise kube.TargetError("this operator replica lost the leader Lease before scaling; the new "
                                        "leader decides", "NotLeader")
+            # The watch brings the new replica count back (milliseconds, long before the next poll).
             kube.scale_target(namespace, ref.kind, ref.name, step.scale_to)
-            ctx.targets.forget(namespace, ref.kind)
         except Exception as exc:
             failure = _failure(exc, "ScaleFailed")
             events.append(Event("Warning", failure.reason, failure.message))

@@ -163,16 +163,22 @@ class Secrets:
 
 
 class Targets:
-    def __init__(self, replicas: int = 3, error: BaseException | None = None) -> None:
+    """The watched targets and HPAs (kube.TargetReader), as given."""
+
+    def __init__(self, replicas: int = 3, error: BaseException | None = None, hpas: list[str] | None = None,
+                 hpa_error: BaseException | None = None) -> None:
         self.replicas, self.error = replicas, error
+        self.hpas, self.hpa_error = hpas or [], hpa_error
 
     def read(self, namespace: str, kind: str, name: str) -> TargetScale:
         if self.error:
             raise self.error
         return target(self.replicas)
 
-    def forget(self, namespace: str, kind: str) -> None:
-        pass
+    def conflicting_hpas(self, namespace: str, kind: str, name: str) -> list[str]:
+        if self.hpa_error:
+            raise self.hpa_error
+        return list(self.hpas)
 
 
 class Probe:
@@ -210,11 +216,6 @@ def body(**spec_overrides: Any) -> dict[str, Any]:
     return {"metadata": {"namespace": "ns", "name": "eq", "generation": 1}, "spec": {**SPEC, **spec_overrides}}
 
 
-@pytest.fixture(autouse=True)
-def no_hpas(monkeypatch):
-    monkeypatch.setattr(kube, "conflicting_hpas", lambda *a: [])
-
-
 ARBITRARY = [
     urllib3.exceptions.ReadTimeoutError(None, "/api", "Read timed out."),
     urllib3.exceptions.MaxRetryError(None, "https://user:pw@api/", None),
@@ -233,11 +234,8 @@ ARBITRARY = [
 def test_gather_turns_any_exception_into_a_failure(where, error, monkeypatch):
     ctx = context(result=error if where == "probe" else stats(),
                   secrets=Secrets(error if where == "secrets" else None),
-                  targets=Targets(error=error if where == "target" else None))
-    if where == "hpas":
-        def hpas(*_):
-            raise error
-        monkeypatch.setattr(kube, "conflicting_hpas", hpas)
+                  targets=Targets(error=error if where == "target" else None,
+                                  hpa_error=error if where == "hpas" else None))
     found = poller.gather(body(), ctx)
     failures = [f for f in (found.spec, found.target, found.stats) if isinstance(f, Failure)]
     if where == "hpas":
