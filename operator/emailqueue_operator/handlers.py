@@ -10,6 +10,7 @@ cooldowns and learned rates where they were. Only the elected leader polls (lead
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -80,14 +81,14 @@ def _post(body: Mapping[str, Any], namespace: str, name: str, result: PollResult
 STATUS_REFRESH_SECONDS = 30.0
 
 
-def material(status: dict[str, Any]) -> str:
-    """The part of a status patch worth writing, as a canonical string: without timestamps
-    that move every poll. Idle queues then cost no write (and no watch event back to every
-    kopf operator); a string keeps a thousand daemons' memory of it small."""
+def material(status: dict[str, Any]) -> bytes:
+    """A digest of the part of a status patch worth writing: without timestamps that move
+    every poll. Idle queues then cost no write (and no watch event back to every kopf
+    operator); a 16-byte digest, not the text, is what each loop remembers."""
     trimmed = {k: v for k, v in status.items() if k != "policy"}
     if isinstance(trimmed.get("lastDecision"), dict):
         trimmed["lastDecision"] = {k: v for k, v in trimmed["lastDecision"].items() if k != "at"}
-    return json.dumps(trimmed, sort_keys=True, default=str)
+    return hashlib.blake2b(json.dumps(trimmed, sort_keys=True, default=str).encode(), digest_size=16).digest()
 
 
 def target_key(namespace: str | None, spec: Any) -> tuple[str, str, str]:
@@ -250,7 +251,7 @@ async def scale_loop(loop: ScaleLoop) -> None:
     leading = False
     state, conditions_now = PolicyState(), []
     next_at = aio.time()
-    written: str | None = None
+    written: bytes | None = None
     written_at = float("-inf")
     try:
         while not loop.stopped.is_set():
@@ -343,4 +344,4 @@ async def stop_loops(**_: Any) -> None:
 @kopf.on.probe(id="pollers")
 def pollers(**_: Any) -> dict[str, Any]:
     return {"brokerConnections": CONTEXT.pool.open_connections(), "emailQueues": len(LOOPS),
-            "leading": LEADERSHIP.leading(), "time": time.time()}
+            "leading": LEADERSHIP.leading(), "targetWatches": TARGETS.counts(), "time": time.time()}
