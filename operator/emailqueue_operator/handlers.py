@@ -309,6 +309,7 @@ async def scale_loop(loop: ScaleLoop) -> None:
     finally:
         CLAIMS.release(claimed, name)
         CONTEXT.metrics.forget(namespace, name)
+        CONTEXT.specs.forget(uid)
 
 
 async def _sleep(stopped: asyncio.Event, seconds: float) -> None:

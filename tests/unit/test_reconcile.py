@@ -15,7 +15,7 @@ from emailqueue_operator.metrics import OperatorMetrics
 from emailqueue_operator.rabbitmq import BrokerError, MetricsUnavailable, QueueStats
 from emailqueue_operator.reconcile import Facts, Failure, plan
 from emailqueue_operator.scaling import PolicyState
-from emailqueue_operator.spec import parse_spec
+from emailqueue_operator.spec import EmailQueueSpec, parse_spec
 
 NOW = 1_700_000_000.0
 SPEC: dict[str, Any] = {
@@ -122,7 +122,8 @@ def test_target_unreadable_counts_as_a_failed_poll():
 def test_claimed_target_warns_once_and_says_who_owns_it():
     first = plan(facts(claimed_by="older-eq"), PolicyState(), NOW)
     assert "older-eq" in cond(first, "Ready").message and cond(first, "ScalingLimited").status
-    previous = [{"type": "Ready", "status": "False", "reason": "TargetClaimed", "message": cond(first, "Ready").message}]
+    previous = [{"type": "Ready", "status": "False", "reason": "TargetClaimed",
+                 "message": cond(first, "Ready").message}]
     assert plan(facts(claimed_by="older-eq", previous_conditions=previous), PolicyState(), NOW).events == []
 
 
@@ -206,7 +207,10 @@ class Pool:
         return 1
 
 
-def context(result: QueueStats | BaseException = stats(), secrets: Secrets | None = None,
+HEALTHY = stats()  # frozen: one instance serves as the default probe result
+
+
+def context(result: QueueStats | BaseException = HEALTHY, secrets: Secrets | None = None,
             targets: Targets | None = None) -> poller.Context:
     return poller.Context(pool=Pool(result), secrets=secrets or Secrets(), metrics=OperatorMetrics(CollectorRegistry()),
                           targets=targets or Targets(), clock=lambda: NOW)
@@ -359,3 +363,30 @@ def test_a_refused_password_rereads_the_secret_at_the_next_poll():
     assert secrets.invalidated == [("ns", "rabbit")]
     poller.gather(body(), context(result=BrokerError("down"), secrets=(other := Secrets())))
     assert other.invalidated == []  # an outage is no reason to hammer the API for Secrets
+
+
+def test_a_spec_is_parsed_once_per_generation_and_again_when_it_changes(monkeypatch):
+    parsed: list[Any] = []
+    real = poller.parse_spec
+
+    def counting(raw):
+        parsed.append(raw)
+        return real(raw)
+
+    monkeypatch.setattr(poller, "parse_spec", counting)
+    ctx = context()
+    current = body()
+    current["metadata"]["uid"] = "u1"
+    for _ in range(5):
+        assert isinstance(poller.gather(current, ctx).spec, EmailQueueSpec)
+    assert len(parsed) == 1
+    changed = body(replicas={"min": 0, "max": 7})
+    changed["metadata"].update(uid="u1", generation=2)
+    assert poller.gather(changed, ctx).spec.replicas.max == 7
+    broken = body(replicas={"min": 5, "max": 1})
+    broken["metadata"].update(uid="u1", generation=3)
+    for _ in range(3):
+        assert isinstance(poller.gather(broken, ctx).spec, Failure)
+    assert len(parsed) == 3
+    ctx.specs.forget("u1")
+    assert len(ctx.specs) == 0
