@@ -2,42 +2,57 @@
 
 This module owns the translation from the loosely typed mapping kopf hands us (or a
 simulator scenario's sparse dict) into frozen dataclasses the scaling policy can trust.
+The CRD (``deploy/crds/emailqueue.dev_emailqueues.yaml``, shipped verbatim in this package
+under ``crds/``) is the one source of field rules; nothing here restates a type, bound, enum
+or default:
 
-- Defaults here are the CRD schema's defaults (``deploy/crds/emailqueue.dev_emailqueues.yaml``);
-  ``tests/unit/test_crd.py`` checks the two agree. Objects stored before a default existed,
-  and simulator scenarios, arrive without them, so parsing applies them again.
-- :func:`parse_spec` collects *every* problem before raising one :class:`SpecError`
-  (like KEDA's scaler metadata parsing), so a user fixes a manifest in one round trip.
-- It also checks what an OpenAPI/CEL schema cannot: regular expressions compile, cron
-  expressions parse, schedule times are real instants.
+1. the spec is defaulted as the apiserver defaults it (nulls pruned, schema ``default``s
+   applied), so an object the cluster defaulted and a sparse dict parse the same;
+2. jsonschema validates it against the CRD's openAPIV3Schema (OpenAPI bits translated);
+3. the CRD's CEL ``x-kubernetes-validations`` run in Python (:data:`CEL_RULES`, keyed by the
+   rule text; messages come from the CRD), then what no schema can check
+   (:data:`BEYOND_SCHEMA`: regular expressions compile, cron expressions parse);
+4. every problem found is raised at once in one :class:`SpecError` (like KEDA's scaler
+   metadata parsing), each prefixed by its field path, so a user fixes a manifest in one
+   round trip; only then is the typed :class:`EmailQueueSpec` built.
 
-Pure: values in, values out (croniter is a parser, not a clock).
+Pure: values in, values out (the schema is package data, read once; croniter is a parser,
+not a clock).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
+from importlib import resources
 from typing import Any, Final
 
+import jsonschema
+import yaml
 from croniter import croniter
+from jsonschema import FormatChecker, ValidationError
 
 __all__ = [
     "AGGREGATES",
     "METRICS_SOURCES",
     "AmqpSecretRef",
+    "BEYOND_SCHEMA",
     "BehaviorSpec",
     "BrokerSpec",
+    "CEL_RULES",
+    "CRD_RESOURCE",
     "DEFAULT_BACKLOG_PER_REPLICA",
     "DEFAULT_SCALE_DOWN_POLICIES",
     "DEFAULT_SCALE_UP_POLICIES",
     "EmailQueueSpec",
     "FALLBACK_MODES",
     "FallbackSpec",
+    "IGNORED_FIELDS",
     "ManagementSecretRef",
     "POLICY_TYPES",
     "ReplicaBounds",
@@ -50,11 +65,16 @@ __all__ = [
     "TARGET_KINDS",
     "TargetSpec",
     "TlsSpec",
+    "crd_defaulted",
+    "crd_spec_schema",
     "default_spec",
+    "fields_read",
     "parse_spec",
+    "rfc3339_timestamp",
     "spec_from_dict",
 ]
 
+# The CRD's enums, named for callers (validation reads the CRD; tests/unit/test_crd.py checks they agree).
 TARGET_KINDS: Final = ("Deployment", "StatefulSet")
 AGGREGATES: Final = ("sum", "max", "avg")
 METRICS_SOURCES: Final = ("auto", "amqp", "management", "prometheus")
@@ -301,460 +321,664 @@ class EmailQueueSpec:
         return sum(entry.active_rate(now_epoch, lookahead_s) for entry in self.schedule)
 
 
-# --------------------------------------------------------------------------- parsing
+# --------------------------------------------------------------------------- the CRD's schema
 
-_MISSING: Final = object()
+CRD_RESOURCE: Final = "crds/emailqueue.dev_emailqueues.yaml"
+"""The CRD inside this package: a verbatim copy of deploy/crds/ (deploy/monitoring/sync.py keeps it so)."""
+
+IGNORED_FIELDS: Final[frozenset[str]] = frozenset()
+"""Fields the CRD declares under ``spec`` that the Spec builder deliberately does not read, as
+schema-walk paths (``spec.schedule[].name``). Empty: the builder consumes every declared field.
+``tests/unit/test_spec_schema.py`` fails when a declared field is neither read nor listed here."""
+
+# jsonschema keyword carrying ``x-kubernetes-list-type: map`` (entries unique by their keys).
+_LIST_MAP_KEYS: Final = "listMapKeys"
+# Pattern names, so an error says what a pattern means rather than quoting the regex.
+_PATTERN_NAMES: Final = {
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$":
+        "a DNS subdomain name (lowercase letters, digits, '-' and '.', starting and ending alphanumeric)",
+}
+
+Steps = tuple[str, ...]
+"""A schema-walk path below ``spec``: property names, ``[]`` for "each item of the list"."""
+Parts = tuple[str | int, ...]
+"""A concrete field path below ``spec``: property names and list indices."""
 
 
-class _Reader:
-    """Reads typed fields and records problems instead of raising on the first one."""
+# libyaml's loader when PyYAML was built with it: ten times faster than the pure-Python one.
+_YAML_LOADER: Final = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-    def __init__(self) -> None:
-        self.problems: list[str] = []
 
-    def problem(self, path: str, message: str) -> None:
-        self.problems.append(f"{path}: {message}")
+@functools.lru_cache(maxsize=1)
+def _crd_spec() -> dict[str, Any]:
+    text = resources.files("emailqueue_operator").joinpath(CRD_RESOURCE).read_text(encoding="utf-8")
+    crd = yaml.load(text, Loader=_YAML_LOADER)
+    (version,) = crd["spec"]["versions"]
+    schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    return schema
 
-    def section(self, parent: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any]:
-        value = parent.get(key)
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            self.problem(f"{path}.{key}", f"must be an object, got {type(value).__name__}")
-            return {}
-        return value
 
-    def _bounded(
-        self,
-        path: str,
-        value: float,
-        minimum: float | None,
-        maximum: float | None,
-        exclusive_minimum: bool,
-    ) -> bool:
-        if minimum is not None:
-            if exclusive_minimum and not value > minimum:
-                self.problem(path, f"must be > {minimum:g}, got {value:g}")
-                return False
-            if not exclusive_minimum and value < minimum:
-                self.problem(path, f"must be >= {minimum:g}, got {value:g}")
-                return False
-        if maximum is not None and value > maximum:
-            self.problem(path, f"must be <= {maximum:g}, got {value:g}")
-            return False
-        return True
+def crd_spec_schema() -> dict[str, Any]:
+    """The CRD's openAPIV3Schema of ``spec`` (a copy), the one source of the field rules."""
+    return copy.deepcopy(_crd_spec())
 
-    def integer(
-        self,
-        mapping: Mapping[str, Any],
-        key: str,
-        path: str,
-        default: Any = _MISSING,
-        minimum: int | None = None,
-        maximum: int | None = None,
-        exclusive_minimum: bool = False,
-    ) -> Any:
-        raw = mapping.get(key)
-        full = f"{path}.{key}"
-        if raw is None:
-            if default is _MISSING:
-                self.problem(full, "is required")
-                return None
-            return default
-        # bool is an int in Python; a YAML `true` is never a replica count.
-        if isinstance(raw, bool) or not (
-            isinstance(raw, int) or (isinstance(raw, float) and raw.is_integer())
-        ):
-            self.problem(full, f"must be an integer, got {raw!r}")
-            return None if default is _MISSING else default
-        value = int(raw)
-        if not self._bounded(full, value, minimum, maximum, exclusive_minimum):
-            return None if default is _MISSING else default
-        return value
 
-    def number(
-        self,
-        mapping: Mapping[str, Any],
-        key: str,
-        path: str,
-        default: Any = _MISSING,
-        minimum: float | None = None,
-        maximum: float | None = None,
-        exclusive_minimum: bool = False,
-    ) -> Any:
-        raw = mapping.get(key)
-        full = f"{path}.{key}"
-        if raw is None:
-            if default is _MISSING:
-                self.problem(full, "is required")
-                return None
-            return default
-        if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
-            self.problem(full, f"must be a finite number, got {raw!r}")
-            return None if default is _MISSING else default
-        value = float(raw)
-        if not self._bounded(full, value, minimum, maximum, exclusive_minimum):
-            return None if default is _MISSING else default
-        return value
+def _to_json_schema(node: Mapping[str, Any]) -> dict[str, Any]:
+    """An OpenAPI v3.0 structural schema node as a JSON Schema draft 4 node.
 
-    def boolean(self, mapping: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
-        raw = mapping.get(key)
-        if raw is None:
-            return default
-        if not isinstance(raw, bool):
-            self.problem(f"{path}.{key}", f"must be true or false, got {raw!r}")
-            return default
-        return raw
-
-    def string(
-        self,
-        mapping: Mapping[str, Any],
-        key: str,
-        path: str,
-        default: Any = _MISSING,
-        max_length: int = 253,
-    ) -> Any:
-        raw = mapping.get(key)
-        full = f"{path}.{key}"
-        if raw is None:
-            if default is _MISSING:
-                self.problem(full, "is required")
-            return None if default is _MISSING else default
-        if not isinstance(raw, str):
-            self.problem(full, f"must be a string, got {raw!r}")
-            return None if default is _MISSING else default
-        if raw == "":
-            self.problem(full, "must not be empty")
-            return None if default is _MISSING else default
-        if len(raw) > max_length:
-            self.problem(full, f"must be at most {max_length} characters")
-            return None if default is _MISSING else default
-        return raw
-
-    def enum(
-        self, mapping: Mapping[str, Any], key: str, path: str, allowed: Sequence[str], default: str
-    ) -> str:
-        raw = mapping.get(key)
-        if raw is None:
-            return default
-        if raw not in allowed:
-            self.problem(f"{path}.{key}", f"must be one of {', '.join(allowed)}, got {raw!r}")
-            return default
-        return str(raw)
-
-    def timestamp(self, mapping: Mapping[str, Any], key: str, path: str) -> float | None:
-        raw = mapping.get(key)
-        if raw is None:
-            return None
-        full = f"{path}.{key}"
-        if isinstance(raw, datetime):  # PyYAML turns unquoted timestamps into datetimes
-            moment = raw
-        elif isinstance(raw, str):
-            try:
-                moment = datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
-            except ValueError:
-                self.problem(full, f"must be an RFC 3339 date-time, got {raw!r}")
-                return None
+    Draft 4 already has OpenAPI 3.0's boolean ``exclusiveMinimum``. What it does not know:
+    ``nullable`` (null joins the allowed types), ``x-kubernetes-int-or-string`` (integer or
+    string), list types ``set`` (unique items) and ``map`` (entries unique by their key
+    fields). The CEL ``x-kubernetes-validations`` run in Python (:data:`CEL_RULES`); every other
+    ``x-kubernetes-*`` key (preserve-unknown-fields, embedded-resource, ...) is ignored, and
+    ``default`` is applied before validation (:func:`_apply_defaults`), as the apiserver does.
+    """
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key == "properties":
+            out[key] = {name: _to_json_schema(child) for name, child in value.items()}
+        elif key in ("items", "additionalProperties", "not") and isinstance(value, Mapping):
+            out[key] = _to_json_schema(value)
+        elif key in ("allOf", "anyOf", "oneOf"):
+            out[key] = [_to_json_schema(child) for child in value]
+        elif key == "x-kubernetes-int-or-string" and value:
+            out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+        elif key == "x-kubernetes-list-type" and value == "set":
+            out["uniqueItems"] = True
+        elif key == "x-kubernetes-list-map-keys" and node.get("x-kubernetes-list-type") == "map":
+            out[_LIST_MAP_KEYS] = list(value)
+        elif key.startswith("x-kubernetes-") or key in ("nullable", "default", "description", "example"):
+            continue
         else:
-            self.problem(full, f"must be an RFC 3339 date-time, got {raw!r}")
-            return None
-        if moment.tzinfo is None:
-            # RFC 3339 requires an offset; the apiserver rejects naive times too.
-            self.problem(full, f"must carry a time zone offset (e.g. Z), got {raw!r}")
-            return None
-        return moment.timestamp()
+            out[key] = value
+    if node.get("nullable"):
+        if isinstance(out.get("type"), str):
+            out["type"] = [out["type"], "null"]
+        elif "anyOf" in out:
+            out["anyOf"] = [*out["anyOf"], {"type": "null"}]
+    return out
 
 
-def _parse_target_ref(r: _Reader, spec: Mapping[str, Any], policy_only: bool) -> ScaleTargetRef:
-    path = "spec.scaleTargetRef"
-    m = r.section(spec, "scaleTargetRef", "spec")
-    if not m and policy_only:
-        return ScaleTargetRef()
-    return ScaleTargetRef(
-        api_version=r.string(m, "apiVersion", path, default="apps/v1"),
-        kind=r.enum(m, "kind", path, TARGET_KINDS, "Deployment"),
-        name=r.string(m, "name", path) or "",
+def _is_integer(_: Any, instance: object) -> bool:
+    # bool is an int in Python, but a YAML `true` is never a count; 3.0 is (the apiserver agrees).
+    if isinstance(instance, bool):
+        return False
+    if isinstance(instance, int):
+        return True
+    return isinstance(instance, float) and math.isfinite(instance) and instance.is_integer()
+
+
+def _is_number(_: Any, instance: object) -> bool:
+    # JSON has no NaN or infinity, so the apiserver never sees one; Python callers can pass them.
+    if isinstance(instance, bool):
+        return False
+    if isinstance(instance, int):
+        return True
+    return isinstance(instance, float) and math.isfinite(instance)
+
+
+def _list_map_keys(
+    validator: Any, keys: Sequence[str], instance: object, schema: Mapping[str, Any]
+) -> Iterator[ValidationError]:
+    """``x-kubernetes-list-type: map``: no two entries share their key fields."""
+    if not isinstance(instance, list):
+        return
+    first: dict[tuple[str, ...], int] = {}
+    for index, item in enumerate(instance):
+        if not isinstance(item, dict) or not all(key in item for key in keys):
+            continue
+        identity = tuple(repr(item[key]) for key in keys)
+        if identity in first:
+            described = " and ".join(f"{key} {item[key]!r}" for key in keys)
+            yield ValidationError(
+                f"duplicate entry: [{first[identity]}] has the same {described}", path=[index, keys[0]]
+            )
+        else:
+            first[identity] = index
+
+
+def rfc3339_timestamp(text: str) -> float:
+    """Epoch seconds of an RFC 3339 date-time; ``ValueError`` says what is wrong with it."""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"must be an RFC 3339 date-time, got {text!r}") from None
+    if moment.tzinfo is None:
+        # RFC 3339 requires an offset; the apiserver rejects naive times too.
+        raise ValueError(f"must carry a time zone offset (e.g. Z), got {text!r}")
+    return moment.timestamp()
+
+
+_FORMATS: Final = FormatChecker(formats=())
+
+
+@_FORMATS.checks("date-time", raises=ValueError)
+def _date_time(instance: object) -> bool:
+    if isinstance(instance, str):
+        rfc3339_timestamp(instance)
+    return True
+
+
+_SpecValidator: Final = jsonschema.validators.extend(  # type: ignore[no-untyped-call]  # stubs leave it untyped
+    jsonschema.Draft4Validator,
+    validators={_LIST_MAP_KEYS: _list_map_keys},
+    type_checker=jsonschema.Draft4Validator.TYPE_CHECKER.redefine_many(
+        {"integer": _is_integer, "number": _is_number}
+    ),
+)
+
+
+@functools.lru_cache(maxsize=2)
+def _validator(policy_only: bool) -> Any:
+    schema = _to_json_schema(_crd_spec())
+    if policy_only:
+        # The simulator and tests size fleets without a cluster or a broker to name.
+        _drop_required(schema, ("scaleTargetRef", "broker"))
+        _drop_required(schema["properties"]["broker"], ("amqpSecretRef",))
+    _cel_rules()  # every CRD rule has a Python twin, or nothing validates at all
+    return _SpecValidator(schema, format_checker=_FORMATS)
+
+
+def _drop_required(schema: dict[str, Any], names: Sequence[str]) -> None:
+    required = [name for name in schema.get("required", []) if name not in names]
+    if required:
+        schema["required"] = required
+    else:
+        schema.pop("required", None)
+
+
+# --------------------------------------------------------------------------- what the apiserver does first
+
+def _as_json(value: Any) -> Any:
+    """The value as kubectl sends it: mappings as objects, sequences as arrays, and YAML's
+    unquoted timestamps (PyYAML datetimes) as RFC 3339 strings."""
+    if isinstance(value, Mapping):
+        return {str(key): _as_json(child) for key, child in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_json(child) for child in value]
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()  # a naive datetime stays naive: the date-time format rejects it
+    return value
+
+
+def _prune_nulls(schema: Mapping[str, Any], value: Any) -> Any:
+    """Drop ``null`` fields the schema does not mark ``nullable``: the apiserver prunes them
+    before defaulting, so ``max: null`` means "unset" and gets the default."""
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        return {
+            name: _prune_nulls(properties.get(name, {}), child)
+            for name, child in value.items()
+            if child is not None or properties.get(name, {}).get("nullable", False)
+        }
+    if isinstance(value, list) and isinstance(schema.get("items"), Mapping):
+        return [_prune_nulls(schema["items"], child) for child in value]
+    return value
+
+
+def _apply_defaults(schema: Mapping[str, Any], value: Any) -> Any:
+    """Structural-schema defaulting as the apiserver does it: fill missing properties that have
+    a ``default``, then default inside every present object and list item."""
+    if isinstance(value, dict):
+        result = dict(value)
+        for name, child in schema.get("properties", {}).items():
+            if name not in result and "default" in child:
+                result[name] = copy.deepcopy(child["default"])
+            if name in result:
+                result[name] = _apply_defaults(child, result[name])
+        return result
+    if isinstance(value, list) and isinstance(schema.get("items"), Mapping):
+        return [_apply_defaults(schema["items"], child) for child in value]
+    return value
+
+
+def crd_defaulted(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``spec`` as the apiserver would store it: JSON values, nulls pruned, schema defaults applied.
+
+    A raw dict and an object the cluster already defaulted come out the same, so they parse
+    to the same :class:`EmailQueueSpec`.
+    """
+    schema = _crd_spec()
+    defaulted: dict[str, Any] = _apply_defaults(schema, _prune_nulls(schema, _as_json(spec)))
+    return defaulted
+
+
+# --------------------------------------------------------------------------- rules across fields
+
+def _has(node: object, *names: str) -> bool:
+    """CEL ``has(self.a.b)``: every step of the path is present."""
+    for name in names:
+        if not isinstance(node, Mapping) or name not in node:
+            return False
+        node = node[name]
+    return True
+
+
+def _schedule_end_after_start(entry: Mapping[str, Any]) -> bool:
+    if not (_has(entry, "start") and _has(entry, "end")):
+        return True
+    return rfc3339_timestamp(entry["end"]) > rfc3339_timestamp(entry["start"])
+
+
+CEL_RULES: Final[Mapping[str, Callable[[Mapping[str, Any]], bool]]] = {
+    # --- spec.broker
+    "has(self.queue) != has(self.queueRegex)":
+        lambda s: _has(s, "queue") != _has(s, "queueRegex"),
+    "!has(self.tls) || !has(self.tls.caKey) || has(self.amqpSecretRef)":
+        lambda s: not _has(s, "tls", "caKey") or _has(s, "amqpSecretRef"),
+    "!has(self.queueRegex) || has(self.managementSecretRef) || has(self.prometheusSecretRef)":
+        lambda s: not _has(s, "queueRegex") or _has(s, "managementSecretRef") or _has(s, "prometheusSecretRef"),
+    "!has(self.metricsSource) || self.metricsSource != 'management' || has(self.managementSecretRef)":
+        lambda s: s.get("metricsSource") != "management" or _has(s, "managementSecretRef"),
+    "!has(self.metricsSource) || self.metricsSource != 'prometheus' || has(self.prometheusSecretRef)":
+        lambda s: s.get("metricsSource") != "prometheus" or _has(s, "prometheusSecretRef"),
+    "!has(self.metricsSource) || self.metricsSource != 'amqp' || has(self.queue)":
+        lambda s: s.get("metricsSource") != "amqp" or _has(s, "queue"),
+    # --- spec.broker.amqpSecretRef
+    "has(self.uriKey) != has(self.hostKey)":
+        lambda s: _has(s, "uriKey") != _has(s, "hostKey"),
+    "!has(self.hostKey) || (has(self.usernameKey) && has(self.passwordKey))":
+        lambda s: not _has(s, "hostKey") or (_has(s, "usernameKey") and _has(s, "passwordKey")),
+    # --- spec.broker.amqpSecretRef, managementSecretRef and prometheusSecretRef
+    "has(self.usernameKey) == has(self.passwordKey)":
+        lambda s: _has(s, "usernameKey") == _has(s, "passwordKey"),
+    # --- spec.replicas
+    "!has(self.min) || !has(self.max) || self.min <= self.max":
+        lambda s: not (_has(s, "min") and _has(s, "max")) or s["min"] <= s["max"],
+    # --- spec.schedule[]
+    "has(self.start) == has(self.end)":
+        lambda s: _has(s, "start") == _has(s, "end"),
+    "has(self.cron) == has(self.durationSeconds)":
+        lambda s: _has(s, "cron") == _has(s, "durationSeconds"),
+    "has(self.start) != has(self.cron)":
+        lambda s: _has(s, "start") != _has(s, "cron"),
+    "!has(self.start) || !has(self.end) || self.end > self.start":
+        _schedule_end_after_start,
+}
+"""The CRD's ``x-kubernetes-validations``, keyed by their CEL text verbatim. Where each applies
+and the message it gives come from the CRD itself (:func:`_cel_rules`); this table only says
+how to evaluate the rule in Python, so the operator, the simulator and the planner reject
+what ``kubectl apply`` rejects, with the same words."""
+
+
+def _queue_regex_compiles(pattern: object) -> str | None:
+    if not isinstance(pattern, str):
+        return None
+    try:
+        re.compile(pattern, re.IGNORECASE)  # as rabbitmq.select_queues compiles it
+    except re.error as err:
+        return f"does not compile: {err}"
+    return None
+
+
+def _cron_parses(expression: object) -> str | None:
+    if not isinstance(expression, str):
+        return None
+    if len(expression.split()) != 5 or not croniter.is_valid(expression):
+        return f"must be a 5-field cron expression, got {expression!r}"
+    return None
+
+
+BEYOND_SCHEMA: Final[Mapping[Steps, Callable[[object], str | None]]] = {
+    ("broker", "queueRegex"): _queue_regex_compiles,
+    ("schedule", "[]", "cron"): _cron_parses,
+}
+"""What neither OpenAPI nor CEL can check, by field: a problem text, or None. (RFC 3339
+date-times with an offset are the schema's ``format: date-time``, checked in :func:`_date_time`.)"""
+
+
+@functools.lru_cache(maxsize=1)
+def _cel_rules() -> tuple[tuple[Steps, str, str], ...]:
+    """Every ``x-kubernetes-validations`` rule of the CRD's spec schema: where, rule, message.
+
+    Raises ``LookupError`` for a rule :data:`CEL_RULES` cannot evaluate: a CRD rule the
+    operator silently skipped would let it act on objects the cluster rejects.
+    """
+    found: list[tuple[Steps, str, str]] = []
+
+    def walk(node: Mapping[str, Any], steps: Steps) -> None:
+        for rule in node.get("x-kubernetes-validations", []):
+            if rule["rule"] not in CEL_RULES:
+                raise LookupError(f"spec.py has no Python twin of the CRD rule {rule['rule']!r}")
+            found.append((steps, rule["rule"], rule.get("message") or f"failed rule: {rule['rule']}"))
+        for name, child in node.get("properties", {}).items():
+            walk(child, (*steps, name))
+        if isinstance(node.get("items"), Mapping):
+            walk(node["items"], (*steps, "[]"))
+
+    walk(_crd_spec(), ())
+    return tuple(found)
+
+
+def _nodes_at(value: Any, steps: Steps, parts: Parts = ()) -> Iterator[tuple[Parts, Any]]:
+    """Every value at a schema-walk path, with its concrete path."""
+    if not steps:
+        yield parts, value
+        return
+    step, rest = steps[0], steps[1:]
+    if step == "[]":
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                yield from _nodes_at(item, rest, (*parts, index))
+    elif isinstance(value, dict) and step in value:
+        yield from _nodes_at(value[step], rest, (*parts, step))
+
+
+def _rule_problems(spec: dict[str, Any]) -> Iterator[tuple[Parts, str]]:
+    for steps, rule, message in _cel_rules():
+        for parts, node in _nodes_at(spec, steps):
+            if not isinstance(node, dict):
+                continue  # the schema error names the wrong type already
+            try:
+                holds = CEL_RULES[rule](node)
+            except (TypeError, ValueError):
+                continue  # an input of the wrong type or format: the schema error names it already
+            if not holds:
+                yield parts, message
+    for steps, check in BEYOND_SCHEMA.items():
+        for parts, value in _nodes_at(spec, steps):
+            problem = check(value)
+            if problem is not None:
+                yield parts, problem
+
+
+# --------------------------------------------------------------------------- error messages
+
+def _field(parts: Iterable[str | int]) -> str:
+    path = "spec"
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def _order(parts: Parts) -> tuple[int, ...]:
+    """Sort key: fields in the order the CRD declares them, a node before its children."""
+    node: Mapping[str, Any] = _crd_spec()
+    key: list[int] = []
+    for part in parts:
+        if isinstance(part, int):
+            key.append(part)
+            node = node.get("items", {})
+        else:
+            names = list(node.get("properties", {}))
+            key.append(names.index(part) if part in names else len(names))
+            node = node.get("properties", {}).get(part, {})
+    return tuple(key)
+
+
+_TYPE_WORDS: Final = {
+    "integer": "an integer",
+    "number": "a finite number",
+    "string": "a string",
+    "boolean": "true or false",
+    "object": "an object",
+    "array": "a list",
+}
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int):  # exact, and no float overflow for a 400-digit count
+        text = str(value)
+        return text if len(text) <= 24 else f"{text[:6]}...({len(text)} digits)"
+    return f"{value:g}"
+
+
+def _schema_problems(error: ValidationError) -> list[tuple[Parts, str]]:
+    """One jsonschema error as ``(field, problem)`` pairs, in the words the old parser used."""
+    parts: Parts = tuple(error.absolute_path)
+    keyword = str(error.validator)
+    expected: Any = error.validator_value
+    value: Any = error.instance
+    schema: Mapping[str, Any] = error.schema if isinstance(error.schema, Mapping) else {}
+    if keyword == "required":
+        missing = [name for name in expected if not isinstance(value, dict) or name not in value]
+        return [((*parts, name), "is required") for name in missing]
+    if keyword == "type":
+        kinds = [expected] if isinstance(expected, str) else list(expected)
+        wanted = " or ".join(_TYPE_WORDS.get(kind, kind) for kind in kinds)
+        got = type(value).__name__ if kinds == ["object"] else repr(value)
+        return [(parts, f"must be {wanted}, got {got}")]
+    if keyword == "minimum":
+        op = ">" if schema.get("exclusiveMinimum") else ">="
+        return [(parts, f"must be {op} {_number(expected)}, got {_number(value)}")]
+    if keyword == "maximum":
+        op = "<" if schema.get("exclusiveMaximum") else "<="
+        return [(parts, f"must be {op} {_number(expected)}, got {_number(value)}")]
+    if keyword == "enum":
+        return [(parts, f"must be one of {', '.join(map(str, expected))}, got {value!r}")]
+    if keyword == "minLength":
+        return [(parts, "must not be empty" if expected == 1 else f"must be at least {expected} characters")]
+    if keyword == "maxLength":
+        return [(parts, f"must be at most {expected} characters")]
+    if keyword == "pattern":
+        return [(parts, f"must be {_PATTERN_NAMES.get(expected, f'matched by {expected}')}, got {value!r}")]
+    if keyword == "minItems":
+        return [(parts, "must hold at least one item" if expected == 1 else f"must hold at least {expected} items")]
+    if keyword == "maxItems":
+        return [(parts, f"must hold at most {expected} items")]
+    if keyword == "format" and error.cause is not None:
+        return [(parts, str(error.cause))]
+    return [(parts, error.message)]
+
+
+def _problems(spec: dict[str, Any], policy_only: bool) -> list[str]:
+    found: list[tuple[Parts, str]] = []
+    for error in _validator(policy_only).iter_errors(spec):
+        found.extend(_schema_problems(error))
+    found.extend(_rule_problems(spec))
+    found.sort(key=lambda problem: _order(problem[0]))  # stable: same field keeps its order
+    return list(dict.fromkeys(f"{_field(parts)}: {message}" for parts, message in found))
+
+
+# --------------------------------------------------------------------------- building the Spec
+
+class _Fields:
+    """A validated object's fields. Records every field read (when asked to), so a test can
+    prove the builder consumes each field the CRD declares."""
+
+    def __init__(self, value: Mapping[str, Any], path: str, reads: set[str] | None) -> None:
+        self._value = value
+        self._path = path
+        self._reads = reads
+
+    def _note(self, key: str) -> str:
+        path = f"{self._path}.{key}"
+        if self._reads is not None:
+            self._reads.add(path)
+        return path
+
+    def has(self, key: str) -> bool:
+        self._note(key)
+        return key in self._value
+
+    def get(self, key: str) -> Any:
+        self._note(key)
+        return self._value.get(key)
+
+    def section(self, key: str) -> _Fields:
+        return _Fields(self._value.get(key) or {}, self._note(key), self._reads)
+
+    def entries(self, key: str) -> list[_Fields]:
+        path = self._note(key) + "[]"
+        if self._reads is not None:
+            self._reads.add(path)
+        return [_Fields(item, path, self._reads) for item in self._value.get(key) or []]
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _build_target_ref(ref: _Fields) -> ScaleTargetRef:
+    return ScaleTargetRef(api_version=str(ref.get("apiVersion")), kind=str(ref.get("kind")), name=str(ref.get("name")))
+
+
+def _build_http_ref(broker: _Fields, key: str) -> ManagementSecretRef | None:
+    """A Secret reference to an HTTP endpoint (management API or Prometheus plugin)."""
+    if not broker.has(key):
+        return None
+    ref = broker.section(key)
+    return ManagementSecretRef(
+        name=str(ref.get("name")),
+        url_key=str(ref.get("urlKey")),
+        username_key=ref.get("usernameKey"),
+        password_key=ref.get("passwordKey"),
     )
 
 
-def _parse_broker(r: _Reader, spec: Mapping[str, Any], policy_only: bool) -> BrokerSpec:
-    path = "spec.broker"
-    m = r.section(spec, "broker", "spec")
-    if not m and policy_only:
-        return BrokerSpec(queue="simulated")
-    queue = r.string(m, "queue", path, default=None, max_length=255)
-    queue_regex = r.string(m, "queueRegex", path, default=None, max_length=1024)
-    if (m.get("queue") is None) == (m.get("queueRegex") is None):
-        r.problem(path, "set exactly one of queue or queueRegex")
-    if queue_regex is not None:
-        try:
-            re.compile(queue_regex, re.IGNORECASE)  # as rabbitmq.select_queues compiles it
-        except re.error as err:
-            r.problem(f"{path}.queueRegex", f"does not compile: {err}")
-
+def _build_broker(broker: _Fields) -> BrokerSpec:
     amqp: AmqpSecretRef | None = None
-    am = r.section(m, "amqpSecretRef", path)
-    if not am and not policy_only:
-        r.problem(f"{path}.amqpSecretRef", "is required")
-    if am:
-        apath = f"{path}.amqpSecretRef"
+    if broker.has("amqpSecretRef"):
+        ref = broker.section("amqpSecretRef")
         amqp = AmqpSecretRef(
-            name=r.string(am, "name", apath) or "",
-            uri_key=r.string(am, "uriKey", apath, default=None),
-            host_key=r.string(am, "hostKey", apath, default=None),
-            port_key=r.string(am, "portKey", apath, default=None),
-            username_key=r.string(am, "usernameKey", apath, default=None),
-            password_key=r.string(am, "passwordKey", apath, default=None),
+            name=str(ref.get("name")),
+            uri_key=ref.get("uriKey"),
+            host_key=ref.get("hostKey"),
+            port_key=ref.get("portKey"),
+            username_key=ref.get("usernameKey"),
+            password_key=ref.get("passwordKey"),
         )
-        if (amqp.uri_key is None) == (amqp.host_key is None):
-            r.problem(apath, "set exactly one of uriKey or hostKey")
-        if amqp.host_key is not None and (amqp.username_key is None or amqp.password_key is None):
-            r.problem(apath, "hostKey needs usernameKey and passwordKey")
-        if (amqp.username_key is None) != (amqp.password_key is None):
-            r.problem(apath, "set usernameKey and passwordKey together")
-
-    mgmt = _parse_http_ref(r, m, "managementSecretRef", path)
-    prom = _parse_http_ref(r, m, "prometheusSecretRef", path)
-    source = r.enum(m, "metricsSource", path, METRICS_SOURCES, "auto")
-    if queue_regex is not None and mgmt is None and prom is None:
-        r.problem(f"{path}.queueRegex", "needs managementSecretRef or prometheusSecretRef (AMQP cannot list queues)")
-    if source == "management" and mgmt is None:
-        r.problem(f"{path}.metricsSource", "management needs broker.managementSecretRef")
-    if source == "prometheus" and prom is None:
-        r.problem(f"{path}.metricsSource", "prometheus needs broker.prometheusSecretRef")
-    if source == "amqp" and queue_regex is not None:
-        r.problem(f"{path}.metricsSource", "amqp watches one queue; set broker.queue, not queueRegex")
-
-    tm = r.section(m, "tls", path)
-    tpath = f"{path}.tls"
-    tls = TlsSpec(
-        enabled=r.boolean(tm, "enabled", tpath, False),
-        ca_key=r.string(tm, "caKey", tpath, default=None),
-        server_name=r.string(tm, "serverName", tpath, default=None),
-        insecure_skip_verify=r.boolean(tm, "insecureSkipVerify", tpath, False),
-    )
-    if tls.ca_key is not None and amqp is None:
-        r.problem(f"{tpath}.caKey", "needs broker.amqpSecretRef (the CA is read from that Secret)")
-
+    tls = TlsSpec()
+    if broker.has("tls"):  # no schema default for tls itself; inside it, the defaults are applied
+        fields = broker.section("tls")
+        tls = TlsSpec(
+            enabled=bool(fields.get("enabled")),
+            ca_key=fields.get("caKey"),
+            server_name=fields.get("serverName"),
+            insecure_skip_verify=bool(fields.get("insecureSkipVerify")),
+        )
     return BrokerSpec(
-        queue=queue,
-        queue_regex=queue_regex,
-        aggregate=r.enum(m, "aggregate", path, AGGREGATES, "sum"),
-        vhost=r.string(m, "vhost", path, default=None),
+        queue=broker.get("queue"),
+        queue_regex=broker.get("queueRegex"),
+        aggregate=str(broker.get("aggregate")),
+        vhost=broker.get("vhost"),
         amqp_secret_ref=amqp,
-        management_secret_ref=mgmt,
-        prometheus_secret_ref=prom,
-        metrics_source=source,
+        management_secret_ref=_build_http_ref(broker, "managementSecretRef"),
+        prometheus_secret_ref=_build_http_ref(broker, "prometheusSecretRef"),
+        metrics_source=str(broker.get("metricsSource")),
         tls=tls,
     )
 
 
-def _parse_http_ref(r: _Reader, broker: Mapping[str, Any], key: str, path: str) -> ManagementSecretRef | None:
-    """A Secret reference to an HTTP endpoint (management API or Prometheus plugin)."""
-    mm = r.section(broker, key, path)
-    if not mm:
-        return None
-    mpath = f"{path}.{key}"
-    ref = ManagementSecretRef(
-        name=r.string(mm, "name", mpath) or "",
-        url_key=r.string(mm, "urlKey", mpath) or "",
-        username_key=r.string(mm, "usernameKey", mpath, default=None),
-        password_key=r.string(mm, "passwordKey", mpath, default=None),
-    )
-    if (ref.username_key is None) != (ref.password_key is None):
-        r.problem(mpath, "set usernameKey and passwordKey together")
-    return ref
-
-
-def _parse_replicas(r: _Reader, spec: Mapping[str, Any]) -> ReplicaBounds:
-    path = "spec.replicas"
-    m = r.section(spec, "replicas", "spec")
-    lo = r.integer(m, "min", path, default=1, minimum=0, maximum=MAX_REPLICAS_LIMIT)
-    hi = r.integer(m, "max", path, default=10, minimum=1, maximum=MAX_REPLICAS_LIMIT)
-    activation = r.integer(m, "activationBacklog", path, default=0, minimum=0)
-    if lo > hi:
-        r.problem(path, f"min ({lo}) must be <= max ({hi})")
-    return ReplicaBounds(min=lo, max=hi, activation_backlog=activation)
-
-
-def _parse_target(r: _Reader, spec: Mapping[str, Any]) -> TargetSpec:
-    path = "spec.target"
-    m = r.section(spec, "target", "spec")
-    positive = {"default": None, "minimum": 0.0, "exclusive_minimum": True}
-    message_rate = r.number(m, "messageRatePerReplica", path, **positive)
-    drain = r.number(m, "drainSeconds", path, default=None, minimum=1.0)
-    max_age = r.number(m, "maxMessageAgeSeconds", path, default=None, minimum=1.0)
-    backlog = r.number(m, "backlogPerReplica", path, **positive)
-    if backlog is None and m.get("backlogPerReplica") is None and not (drain or max_age or message_rate):
+def _build_target(target: _Fields) -> TargetSpec:
+    drain = _optional_float(target.get("drainSeconds"))
+    max_age = _optional_float(target.get("maxMessageAgeSeconds"))
+    message_rate = _optional_float(target.get("messageRatePerReplica"))
+    backlog = _optional_float(target.get("backlogPerReplica"))
+    if backlog is None and drain is None and max_age is None and message_rate is None:
+        # Conditional, so not a schema default: with an SLO set, a fixed 20 per replica
+        # would dominate every decision and defeat the SLO.
         backlog = DEFAULT_BACKLOG_PER_REPLICA
-    startup = r.number(m, "startupSeconds", path, default=30.0, minimum=0.0, maximum=3600.0)
-    target = TargetSpec(
+    return TargetSpec(
         backlog_per_replica=backlog,
         message_rate_per_replica=message_rate,
         drain_seconds=drain,
         max_message_age_seconds=max_age,
-        rate_per_replica=r.number(m, "ratePerReplica", path, **positive),
-        rate_per_replica_floor=r.number(
-            m, "ratePerReplicaFloor", path, default=0.1, minimum=0.0, exclusive_minimum=True
-        ),
-        max_send_rate=r.number(m, "maxSendRate", path, **positive),
-        count_unacked=r.boolean(m, "countUnacked", path, True),
-        startup_seconds=startup,
+        rate_per_replica=_optional_float(target.get("ratePerReplica")),
+        rate_per_replica_floor=float(target.get("ratePerReplicaFloor")),
+        max_send_rate=_optional_float(target.get("maxSendRate")),
+        count_unacked=bool(target.get("countUnacked")),
+        startup_seconds=float(target.get("startupSeconds")),
     )
-    if (
-        target.backlog_per_replica is None
-        and target.drain_seconds is None
-        and target.max_message_age_seconds is None
-        and target.message_rate_per_replica is None
-    ):
-        r.problem(
-            path,
-            "set at least one of backlogPerReplica, messageRatePerReplica, drainSeconds or "
-            "maxMessageAgeSeconds",
-        )
-    return target
 
 
-def _parse_rules(
-    r: _Reader, behavior: Mapping[str, Any], key: str, default: ScalingRules
-) -> ScalingRules:
-    path = f"spec.behavior.{key}"
-    m = r.section(behavior, key, "spec.behavior")
-    policies: tuple[ScalingPolicy, ...] = default.policies
-    raw_policies = m.get("policies")
-    if raw_policies is not None:
-        if not isinstance(raw_policies, Sequence) or isinstance(raw_policies, (str, bytes)):
-            r.problem(f"{path}.policies", "must be a list")
-        elif not raw_policies:
-            r.problem(f"{path}.policies", "must hold at least one policy (use selectPolicy: Disabled)")
-        else:
-            parsed: list[ScalingPolicy] = []
-            for i, item in enumerate(raw_policies):
-                ppath = f"{path}.policies[{i}]"
-                if not isinstance(item, Mapping):
-                    r.problem(ppath, "must be an object")
-                    continue
-                ptype = item.get("type")
-                if ptype not in POLICY_TYPES:
-                    r.problem(f"{ppath}.type", f"must be one of {', '.join(POLICY_TYPES)}, got {ptype!r}")
-                value = r.integer(item, "value", ppath, minimum=0, exclusive_minimum=True)
-                period = r.integer(item, "periodSeconds", ppath, minimum=1, maximum=1800)
-                if ptype in POLICY_TYPES and value is not None and period is not None:
-                    parsed.append(ScalingPolicy(str(ptype), value, period))
-            policies = tuple(parsed)
+def _build_rules(rules: _Fields) -> ScalingRules:
     return ScalingRules(
-        stabilization_seconds=r.integer(
-            m, "stabilizationSeconds", path, default=default.stabilization_seconds, minimum=0, maximum=3600
+        stabilization_seconds=int(rules.get("stabilizationSeconds")),
+        select_policy=str(rules.get("selectPolicy")),
+        policies=tuple(
+            ScalingPolicy(str(policy.get("type")), int(policy.get("value")), int(policy.get("periodSeconds")))
+            for policy in rules.entries("policies")
         ),
-        select_policy=r.enum(m, "selectPolicy", path, SELECT_POLICIES, default.select_policy),
-        policies=policies,
-        tolerance=r.number(m, "tolerance", path, default=None, minimum=0.0, maximum=MAX_DIRECTION_TOLERANCE),
+        tolerance=_optional_float(rules.get("tolerance")),
     )
 
 
-def _parse_behavior(r: _Reader, spec: Mapping[str, Any]) -> BehaviorSpec:
-    path = "spec.behavior"
-    m = r.section(spec, "behavior", "spec")
+def _build_behavior(behavior: _Fields) -> BehaviorSpec:
     return BehaviorSpec(
-        poll_seconds=r.integer(m, "pollSeconds", path, default=5, minimum=1, maximum=3600),
-        tolerance=r.number(m, "tolerance", path, default=0.1, minimum=0.0, maximum=0.99),
-        cooldown_seconds=r.integer(m, "cooldownSeconds", path, default=300, minimum=0, maximum=86400),
-        scale_up=_parse_rules(r, m, "scaleUp", _default_scale_up()),
-        scale_down=_parse_rules(r, m, "scaleDown", _default_scale_down()),
+        poll_seconds=int(behavior.get("pollSeconds")),
+        tolerance=float(behavior.get("tolerance")),
+        cooldown_seconds=int(behavior.get("cooldownSeconds")),
+        scale_up=_build_rules(behavior.section("scaleUp")),
+        scale_down=_build_rules(behavior.section("scaleDown")),
     )
 
 
-def _parse_fallback(r: _Reader, spec: Mapping[str, Any]) -> FallbackSpec | None:
-    path = "spec.fallback"
-    if spec.get("fallback") is None:
-        return None
-    m = r.section(spec, "fallback", "spec")
-    replicas = r.integer(m, "replicas", path, minimum=0, maximum=MAX_REPLICAS_LIMIT)
-    return FallbackSpec(
-        replicas=replicas if replicas is not None else 0,
-        after_failures=r.integer(m, "afterFailures", path, default=3, minimum=1, maximum=1000),
-        mode=r.enum(m, "mode", path, FALLBACK_MODES, "static"),
+def _build_schedule_entry(entry: _Fields) -> ScheduleEntry:
+    start, end, cron, duration = entry.get("start"), entry.get("end"), entry.get("cron"), entry.get("durationSeconds")
+    return ScheduleEntry(
+        name=str(entry.get("name")),
+        rate=float(entry.get("rate")),
+        start=None if start is None else rfc3339_timestamp(start),
+        end=None if end is None else rfc3339_timestamp(end),
+        cron=cron,
+        duration_seconds=_optional_float(duration),
     )
 
 
-def _parse_schedule(r: _Reader, spec: Mapping[str, Any]) -> tuple[ScheduleEntry, ...]:
-    raw = spec.get("schedule")
-    if raw is None:
-        return ()
-    if not isinstance(raw, Sequence) or isinstance(raw, (str, bytes)):
-        r.problem("spec.schedule", "must be a list")
-        return ()
-    entries: list[ScheduleEntry] = []
-    seen: set[str] = set()
-    for i, item in enumerate(raw):
-        path = f"spec.schedule[{i}]"
-        if not isinstance(item, Mapping):
-            r.problem(path, "must be an object")
-            continue
-        name = r.string(item, "name", path, max_length=63)
-        if name is not None:
-            if name in seen:
-                r.problem(f"{path}.name", f"duplicate schedule name {name!r}")
-            seen.add(name)
-        rate = r.number(item, "rate", path, minimum=0.0)
-        start = r.timestamp(item, "start", path)
-        end = r.timestamp(item, "end", path)
-        cron = r.string(item, "cron", path, default=None, max_length=100)
-        duration = r.number(item, "durationSeconds", path, default=None, minimum=1.0, maximum=604800.0)
-        fixed = item.get("start") is not None or item.get("end") is not None
-        recurring = item.get("cron") is not None or item.get("durationSeconds") is not None
-        if fixed == recurring:
-            r.problem(path, "set either start and end, or cron and durationSeconds")
-        elif fixed:
-            if item.get("start") is None or item.get("end") is None:
-                r.problem(path, "a fixed window needs both start and end")
-            elif start is not None and end is not None and end <= start:
-                r.problem(f"{path}.end", "must be after start")
-        else:
-            if item.get("cron") is None or item.get("durationSeconds") is None:
-                r.problem(path, "a recurring window needs both cron and durationSeconds")
-            if cron is not None:
-                if len(cron.split()) != 5 or not croniter.is_valid(cron):
-                    r.problem(f"{path}.cron", f"must be a 5-field cron expression, got {cron!r}")
-                    cron = None
-        if name is not None and rate is not None:
-            entries.append(
-                ScheduleEntry(
-                    name=name,
-                    rate=rate,
-                    start=start if fixed else None,
-                    end=end if fixed else None,
-                    cron=cron if not fixed else None,
-                    duration_seconds=duration if not fixed else None,
-                )
-            )
-    return tuple(entries)
+def _build(spec: _Fields) -> EmailQueueSpec:
+    """The typed Spec from a validated, defaulted ``spec``: no checks left to make."""
+    fallback: FallbackSpec | None = None
+    if spec.has("fallback"):
+        fields = spec.section("fallback")
+        fallback = FallbackSpec(
+            replicas=int(fields.get("replicas")),
+            after_failures=int(fields.get("afterFailures")),
+            mode=str(fields.get("mode")),
+        )
+    replicas = spec.section("replicas")
+    return EmailQueueSpec(
+        # both absent only in policy-only specs
+        scale_target=_build_target_ref(spec.section("scaleTargetRef")) if spec.has("scaleTargetRef") else ScaleTargetRef(),
+        broker=_build_broker(spec.section("broker")) if spec.has("broker") else BrokerSpec(queue="simulated"),
+        replicas=ReplicaBounds(
+            min=int(replicas.get("min")),
+            max=int(replicas.get("max")),
+            activation_backlog=int(replicas.get("activationBacklog")),
+        ),
+        target=_build_target(spec.section("target")),
+        behavior=_build_behavior(spec.section("behavior")),
+        fallback=fallback,
+        schedule=tuple(_build_schedule_entry(entry) for entry in spec.entries("schedule")),
+        paused=bool(spec.get("paused")),
+        dry_run=bool(spec.get("dryRun")),
+    )
+
+
+# --------------------------------------------------------------------------- parsing
+
+def _validated(spec: Mapping[str, Any], policy_only: bool) -> dict[str, Any]:
+    if not isinstance(spec, Mapping):
+        raise SpecError([f"spec: must be an object, got {type(spec).__name__}"])
+    raw = dict(spec)
+    if policy_only:
+        for optional in ("scaleTargetRef", "broker"):
+            if raw.get(optional) == {}:
+                del raw[optional]  # an empty placeholder section means "none"
+    defaulted = crd_defaulted(raw)
+    problems = _problems(defaulted, policy_only)
+    if problems:
+        raise SpecError(problems)
+    return defaulted
 
 
 def parse_spec(spec: Mapping[str, Any], *, policy_only: bool = False) -> EmailQueueSpec:
-    """Parse ``EmailQueue.spec`` into an :class:`EmailQueueSpec`, applying the CRD defaults.
+    """Parse ``EmailQueue.spec`` into an :class:`EmailQueueSpec`.
 
-    Raises :class:`SpecError` listing every problem. ``policy_only=True`` lets callers that
-    never touch a cluster or broker (the simulator, tests) omit ``scaleTargetRef`` and
-    ``broker``; placeholders are used instead.
+    The spec is defaulted as the apiserver defaults it, validated against the CRD's own
+    openAPIV3Schema, then checked by the CRD's CEL rules (:data:`CEL_RULES`) and what no schema
+    can check (:data:`BEYOND_SCHEMA`). Raises :class:`SpecError` listing every problem, each
+    with its field path. ``policy_only=True`` lets callers that never touch a cluster or broker
+    (the simulator, tests) omit ``scaleTargetRef`` and ``broker``; placeholders are used instead.
     """
-    if not isinstance(spec, Mapping):
-        raise SpecError([f"spec: must be an object, got {type(spec).__name__}"])
-    r = _Reader()
-    parsed = EmailQueueSpec(
-        scale_target=_parse_target_ref(r, spec, policy_only),
-        broker=_parse_broker(r, spec, policy_only),
-        replicas=_parse_replicas(r, spec),
-        target=_parse_target(r, spec),
-        behavior=_parse_behavior(r, spec),
-        fallback=_parse_fallback(r, spec),
-        schedule=_parse_schedule(r, spec),
-        paused=r.boolean(spec, "paused", "spec", False),
-        dry_run=r.boolean(spec, "dryRun", "spec", False),
-    )
-    if r.problems:
-        raise SpecError(r.problems)
-    return parsed
+    return _build(_Fields(_validated(spec, policy_only), "spec", None))
+
+
+def fields_read(spec: Mapping[str, Any], *, policy_only: bool = False) -> frozenset[str]:
+    """The schema-walk paths (``spec.schedule[].name``) the Spec builder reads for ``spec``."""
+    reads: set[str] = set()
+    _build(_Fields(_validated(spec, policy_only), "spec", reads))
+    return frozenset(reads)
 
 
 def spec_from_dict(spec: Mapping[str, Any], *, policy_only: bool = False) -> EmailQueueSpec:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -107,8 +107,8 @@ def test_full_spec_parses_into_typed_values() -> None:
     assert spec.fallback is not None and spec.fallback.mode == "currentIfHigher"
     # YAML's unquoted timestamp (a datetime) and a quoted offset string both parse
     newsletter = spec.schedule[0]
-    assert newsletter.start == datetime(2026, 12, 1, 9, tzinfo=timezone.utc).timestamp()
-    assert newsletter.end == datetime(2026, 12, 1, 10, tzinfo=timezone.utc).timestamp()
+    assert newsletter.start == datetime(2026, 12, 1, 9, tzinfo=UTC).timestamp()
+    assert newsletter.end == datetime(2026, 12, 1, 10, tzinfo=UTC).timestamp()
     assert spec.paused and spec.dry_run
 
 
@@ -116,13 +116,15 @@ def test_full_spec_parses_into_typed_values() -> None:
     ("spec", "expected"),
     [
         # missing sections a real object always has
-        ({}, ["spec.scaleTargetRef.name: is required", "spec.broker: set exactly one of queue or queueRegex"]),
+        ({}, ["spec.scaleTargetRef: is required", "spec.broker: is required"]),
+        (with_(scaleTargetRef={"kind": "Deployment"}), ["spec.scaleTargetRef.name: is required"]),
+        (with_(broker={"amqpSecretRef": AMQP}), ["spec.broker: set exactly one of broker.queue or broker.queueRegex"]),
         # both queue forms
         (with_(broker={"queue": "a", "queueRegex": "a.*", "amqpSecretRef": AMQP}), ["spec.broker: set exactly one"]),
         # regex the schema accepts but Python cannot compile
         (with_(broker={"queueRegex": "emails(", "amqpSecretRef": AMQP}), ["spec.broker.queueRegex: does not compile"]),
         # min > max
-        (with_(replicas={"min": 5, "max": 2}), ["spec.replicas: min (5) must be <= max (2)"]),
+        (with_(replicas={"min": 5, "max": 2}), ["spec.replicas: replicas.min must be less than or equal to replicas.max"]),
         # bool is not an integer even though Python says so
         (with_(replicas={"max": True}), ["spec.replicas.max: must be an integer"]),
         # out of range
@@ -140,24 +142,26 @@ def test_full_spec_parses_into_typed_values() -> None:
         # secret refs: uri xor host, host needs credentials
         (
             with_(broker={"queue": "q", "amqpSecretRef": {"name": "s", "uriKey": "u", "hostKey": "h"}}),
-            ["spec.broker.amqpSecretRef: set exactly one of uriKey or hostKey"],
+            ["spec.broker.amqpSecretRef: amqpSecretRef needs exactly one of uriKey or hostKey"],
         ),
         (
             with_(broker={"queue": "q", "amqpSecretRef": {"name": "s", "hostKey": "h", "usernameKey": "u"}}),
-            ["hostKey needs usernameKey and passwordKey", "set usernameKey and passwordKey together"],
+            ["spec.broker.amqpSecretRef: amqpSecretRef.hostKey needs usernameKey and passwordKey",
+             "spec.broker.amqpSecretRef: set amqpSecretRef usernameKey and passwordKey together"],
         ),
         (
             with_(broker={"queue": "q", "tls": {"enabled": True, "caKey": "ca"}}),
-            ["spec.broker.amqpSecretRef: is required", "spec.broker.tls.caKey: needs broker.amqpSecretRef"],
+            ["spec.broker.amqpSecretRef: is required",
+             "spec.broker: broker.tls.caKey is read from the amqpSecretRef Secret; set broker.amqpSecretRef"],
         ),
         # fallback without replicas
         (with_(fallback={"afterFailures": 2}), ["spec.fallback.replicas: is required"]),
         # schedule: backwards window, half a window, both kinds, bad cron, duplicate names
         (
             with_(schedule=[{"name": "a", "start": "2026-01-02T00:00:00Z", "end": "2026-01-01T00:00:00Z", "rate": 1}]),
-            ["spec.schedule[0].end: must be after start"],
+            ["spec.schedule[0]: schedule end must be after start"],
         ),
-        (with_(schedule=[{"name": "a", "cron": "0 8 * * *", "rate": 1}]), ["needs both cron and durationSeconds"]),
+        (with_(schedule=[{"name": "a", "cron": "0 8 * * *", "rate": 1}]), ["spec.schedule[0]: a recurring schedule window needs both cron and durationSeconds"]),
         (
             with_(schedule=[{"name": "a", "cron": "0 8 * * *", "durationSeconds": 60, "start": "2026-01-01T00:00:00Z", "rate": 1}]),
             ["spec.schedule[0]: set either start and end, or cron and durationSeconds"],
@@ -181,20 +185,20 @@ def test_full_spec_parses_into_typed_values() -> None:
                     {"name": "a", "cron": "0 9 * * *", "durationSeconds": 60, "rate": 1},
                 ]
             ),
-            ["spec.schedule[1].name: duplicate schedule name 'a'"],
+            ["spec.schedule[1].name: duplicate entry: [0] has the same name 'a'"],
         ),
         # metrics sources (KEDA rejects a regex without the HTTP API at parse time too)
         (with_(broker={"queueRegex": "e.*", "amqpSecretRef": AMQP}),
-         ["spec.broker.queueRegex: needs managementSecretRef or prometheusSecretRef"]),
+         ["spec.broker: broker.queueRegex needs managementSecretRef or prometheusSecretRef"]),
         (with_(broker={"queue": "q", "amqpSecretRef": AMQP, "metricsSource": "prometheus"}),
-         ["spec.broker.metricsSource: prometheus needs broker.prometheusSecretRef"]),
+         ["spec.broker: broker.metricsSource prometheus needs broker.prometheusSecretRef"]),
         (with_(broker={"queue": "q", "amqpSecretRef": AMQP, "metricsSource": "management"}),
-         ["spec.broker.metricsSource: management needs broker.managementSecretRef"]),
+         ["spec.broker: broker.metricsSource management needs broker.managementSecretRef"]),
         (with_(broker={"queue": "q", "amqpSecretRef": AMQP, "metricsSource": "statsd"}),
          ["spec.broker.metricsSource"]),
         (with_(broker={"queue": "q", "amqpSecretRef": AMQP, "prometheusSecretRef": {"name": "p", "urlKey": "u",
                                                                                      "usernameKey": "x"}}),
-         ["spec.broker.prometheusSecretRef: set usernameKey and passwordKey together"]),
+         ["spec.broker.prometheusSecretRef: set prometheusSecretRef usernameKey and passwordKey together"]),
         # wrong shapes
         (with_(replicas=[1, 2]), ["spec.replicas: must be an object"]),
         (with_(paused="yes"), ["spec.paused: must be true or false"]),
@@ -236,7 +240,7 @@ def test_policy_only_specs_may_omit_target_and_broker() -> None:
 
 
 # 2026-12-01 is a Tuesday; 08:00 UTC
-TUESDAY_8AM = datetime(2026, 12, 1, 8, 0, tzinfo=timezone.utc).timestamp()
+TUESDAY_8AM = datetime(2026, 12, 1, 8, 0, tzinfo=UTC).timestamp()
 
 
 @pytest.mark.parametrize(
