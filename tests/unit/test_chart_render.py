@@ -4,11 +4,12 @@ The ServiceMonitor gives the operator's scrape job (its `jobLabel` label on the 
 Service, else the Service's name, as the Prometheus Operator does); the rendered
 EmailQueueOperatorDown rule and the dashboard's "operator up" query must match exactly that
 job, or the critical alert fires forever. Renders only (no cluster), with the test bed's
-cached helm binary; skipped when it is not built (`make testbed-bins`).
+cached helm binary ($HELM overrides it); skipped when it is not built (`make testbed-bins`).
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -34,6 +35,8 @@ _MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
 
 
 def _helm() -> str:
+    if os.environ.get("HELM"):
+        return os.environ["HELM"]
     try:
         return str(state.binary("helm"))
     except state.TestbedError as exc:
@@ -193,3 +196,56 @@ def test_crd_is_a_kept_template_behind_crds_install() -> None:
     assert crds[0]["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
     assert "metricsSource" in json.dumps(crds[0]["spec"])
     assert not [d for d in render("prod", "--set", "crds.install=false") if d["kind"] == "CustomResourceDefinition"]
+
+
+# --- security context from values (OpenShift) ----------------------------------------------
+
+def _pods(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"}
+
+
+def test_pods_run_as_the_images_uid_by_default() -> None:
+    pods = _pods(render("prod", "--set", "fullnameOverride=x"))
+    assert set(pods) == {"x", "x-worker"}
+    for name, pod in pods.items():
+        context = pod["securityContext"]
+        assert (context["runAsUser"], context["runAsGroup"], context["fsGroup"]) == (65532, 65532, 65532), name
+        assert context["runAsNonRoot"] is True and context["seccompProfile"] == {"type": "RuntimeDefault"}
+        container = pod["containers"][0]["securityContext"]
+        assert container["readOnlyRootFilesystem"] is True and container["capabilities"]["drop"] == ["ALL"]
+
+
+@pytest.mark.parametrize("values", [
+    ["--values", str(CHART / "values-openshift.yaml")],
+    ["--set", "podSecurityContext.runAsUser=null", "--set", "podSecurityContext.runAsGroup=null",
+     "--set", "podSecurityContext.fsGroup=null"],
+], ids=["values-openshift.yaml", "set-null"])
+def test_openshift_values_leave_the_uid_to_the_scc(values: list[str]) -> None:
+    """restricted-v2 assigns UID, GID and fsGroup from the namespace's range and rejects pods naming
+    others; the rest of the restricted profile stays."""
+    pods = _pods(render("prod", *values))
+    assert len(pods) == 2
+    for name, pod in pods.items():
+        contexts = [pod["securityContext"], *(c["securityContext"] for c in pod["containers"])]
+        for context in contexts:
+            assert not {"runAsUser", "runAsGroup", "fsGroup"} & set(context), name
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["containers"][0]["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_security_context_is_settable() -> None:
+    pods = _pods(render("prod", "--set", "podSecurityContext.runAsUser=1000700000",
+                        "--set", "securityContext.readOnlyRootFilesystem=false"))
+    for pod in pods.values():
+        assert pod["securityContext"]["runAsUser"] == 1000700000
+        assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is False
+
+
+def test_worker_name_can_be_kept_from_deploy() -> None:
+    """Moving from deploy/worker to the chart keeps the name the EmailQueue's scaleTargetRef and the
+    worker alerts' job use."""
+    docs = render("prod", "--set", "worker.fullnameOverride=email-worker")
+    worker = [d for d in docs if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "worker"]
+    assert {(d["kind"], d["metadata"]["name"]) for d in worker} == {
+        (kind, "email-worker") for kind in ("Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy",
+                                            "ServiceMonitor")}

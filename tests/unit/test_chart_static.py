@@ -1,9 +1,9 @@
 """What ships must stay in step with its sources, and the chart's contract with users holds.
 
 File-level checks, no cluster and no helm binary: the chart carries byte-identical copies of
-the monitoring sources and the CRD as sync.py wraps it into a template; every value is documented (`# --`) and described by a
-schema that rejects unknown keys; the two Kustomize trees reference every manifest they hold;
-the images are multi-stage, pinned, and run as uid 65532.
+the monitoring sources and the CRD as sync.py wraps it into a template; every value is documented
+(`# --`) and described by a schema that rejects unknown keys; the two Kustomize trees reference
+every manifest they hold; the images are multi-stage, pinned, and run as uid 65532.
 """
 from __future__ import annotations
 
@@ -21,7 +21,11 @@ CHART = REPO / "charts" / "emailqueue-operator"
 DEPLOY = REPO / "deploy"
 
 # Schema nodes that pass a Kubernetes object through verbatim (its own API validates it).
-PASSTHROUGH = {"/operator/affinity", "/worker/affinity", "/global"}
+PASSTHROUGH = {"/operator/affinity", "/worker/affinity", "/global",
+               # security contexts: the fields values.yaml sets are typed, the rest (seLinuxOptions,
+               # appArmorProfile, localhostProfile, capabilities.add ...) passes through to the API
+               "/podSecurityContext", "/podSecurityContext/seccompProfile",
+               "/securityContext", "/securityContext/seccompProfile", "/securityContext/capabilities"}
 
 
 @pytest.mark.parametrize("source, copy", [
@@ -166,6 +170,19 @@ def test_chart_crd_upgrades_and_is_kept_on_uninstall() -> None:
     templates = [p for p in (CHART / "templates").rglob("*.yaml") if "CustomResourceDefinition" in p.read_text()]
     assert templates == [CHART_CRD]
     assert yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))["crds"]["install"] is True
+
+
+def test_templates_take_the_security_context_from_values() -> None:
+    """No UID is fixed in a template: OpenShift's restricted-v2 SCC must be able to assign its own
+    (values-openshift.yaml nulls runAsUser, runAsGroup and fsGroup)."""
+    for template in (CHART / "templates").rglob("*"):
+        if template.is_file():
+            text = template.read_text(encoding="utf-8")
+            assert not re.search(r"65532|runAsUser|runAsGroup|fsGroup", text), f"{template.name} fixes a UID"
+    values = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+    assert values["podSecurityContext"]["runAsUser"] == 65532, "the images' USER, by default"
+    openshift = yaml.safe_load((CHART / "values-openshift.yaml").read_text(encoding="utf-8"))
+    assert openshift == {"podSecurityContext": {"runAsUser": None, "runAsGroup": None, "fsGroup": None}}
 
 
 def _kustomization_dirs() -> list[Path]:

@@ -52,7 +52,11 @@ app.kubernetes.io/component: operator
 
 {{/* Worker component: its own name so `-l app.kubernetes.io/name=email-worker` finds the pods. */}}
 {{- define "emailqueue-operator.worker.fullname" -}}
+{{- if .Values.worker.fullnameOverride }}
+{{- .Values.worker.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
 {{- printf "%s-worker" (include "emailqueue-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
 {{- end }}
 
 {{- define "emailqueue-operator.worker.selectorLabels" -}}
@@ -84,32 +88,6 @@ app.kubernetes.io/part-of: emailqueue
 {{/* image reference: repository:tag, the tag defaulting to the chart appVersion. */}}
 {{- define "emailqueue-operator.image" -}}
 {{- printf "%s:%s" .image.repository (default .appVersion .image.tag) }}
-{{- end }}
-
-{{/*
-Container securityContext shared by operator and worker: non-root, read-only root
-filesystem, no privilege escalation, every capability dropped, RuntimeDefault seccomp.
-*/}}
-{{- define "emailqueue-operator.containerSecurityContext" -}}
-runAsNonRoot: true
-runAsUser: 65532
-runAsGroup: 65532
-allowPrivilegeEscalation: false
-readOnlyRootFilesystem: true
-privileged: false
-capabilities:
-  drop: ["ALL"]
-seccompProfile:
-  type: RuntimeDefault
-{{- end }}
-
-{{- define "emailqueue-operator.podSecurityContext" -}}
-runAsNonRoot: true
-runAsUser: 65532
-runAsGroup: 65532
-fsGroup: 65532
-seccompProfile:
-  type: RuntimeDefault
 {{- end }}
 
 {{/*
