@@ -28,7 +28,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from importlib import resources
 from typing import Any, Final
 
@@ -270,7 +270,7 @@ class FallbackSpec:
 def _cron_prev_fire(cron: str, minute_epoch: int) -> float:
     """Latest fire time <= ``minute_epoch`` (UTC). Cron resolution is one minute, so the
     answer depends only on the minute: caching by minute keeps per-second callers cheap."""
-    start = datetime.fromtimestamp(minute_epoch + 1, tz=timezone.utc)
+    start = datetime.fromtimestamp(minute_epoch + 1, tz=UTC)
     fire: float = croniter(cron, start).get_prev(float)
     return fire
 
@@ -929,7 +929,8 @@ def _build(spec: _Fields) -> EmailQueueSpec:
     replicas = spec.section("replicas")
     return EmailQueueSpec(
         # both absent only in policy-only specs
-        scale_target=_build_target_ref(spec.section("scaleTargetRef")) if spec.has("scaleTargetRef") else ScaleTargetRef(),
+        scale_target=(_build_target_ref(spec.section("scaleTargetRef")) if spec.has("scaleTargetRef")
+                      else ScaleTargetRef()),
         broker=_build_broker(spec.section("broker")) if spec.has("broker") else BrokerSpec(queue="simulated"),
         replicas=ReplicaBounds(
             min=int(replicas.get("min")),

@@ -124,7 +124,8 @@ def test_full_spec_parses_into_typed_values() -> None:
         # regex the schema accepts but Python cannot compile
         (with_(broker={"queueRegex": "emails(", "amqpSecretRef": AMQP}), ["spec.broker.queueRegex: does not compile"]),
         # min > max
-        (with_(replicas={"min": 5, "max": 2}), ["spec.replicas: replicas.min must be less than or equal to replicas.max"]),
+        (with_(replicas={"min": 5, "max": 2}),
+         ["spec.replicas: replicas.min must be less than or equal to replicas.max"]),
         # bool is not an integer even though Python says so
         (with_(replicas={"max": True}), ["spec.replicas.max: must be an integer"]),
         # out of range
@@ -161,7 +162,8 @@ def test_full_spec_parses_into_typed_values() -> None:
             with_(schedule=[{"name": "a", "start": "2026-01-02T00:00:00Z", "end": "2026-01-01T00:00:00Z", "rate": 1}]),
             ["spec.schedule[0]: schedule end must be after start"],
         ),
-        (with_(schedule=[{"name": "a", "cron": "0 8 * * *", "rate": 1}]), ["spec.schedule[0]: a recurring schedule window needs both cron and durationSeconds"]),
+        (with_(schedule=[{"name": "a", "cron": "0 8 * * *", "rate": 1}]),
+         ["spec.schedule[0]: a recurring schedule window needs both cron and durationSeconds"]),
         (
             with_(schedule=[{"name": "a", "cron": "0 8 * * *", "durationSeconds": 60, "start": "2026-01-01T00:00:00Z", "rate": 1}]),
             ["spec.schedule[0]: set either start and end, or cron and durationSeconds"],
