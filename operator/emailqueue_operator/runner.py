@@ -2,19 +2,14 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
 import kopf
 from prometheus_client import start_http_server
 
+from email_worker.logs import JsonFormatter
+
 from .leader import ElectionSettings, Elector
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
-                           "message": record.getMessage()})
 
 
 class _QuietWatchHandler(logging.Filter):
@@ -41,17 +36,27 @@ async def _operate(namespaces: list[str], liveness: str | None, election: Electi
             elector.stop()
 
 
-def run_operator(namespaces: list[str], metrics_port: int, health_port: int, log_format: str, verbose: bool,
-                 election: ElectionSettings | None = None) -> int:
+def configure_logging(log_format: str, verbose: bool) -> None:
+    """Levels and format of the operator's logs. `json` is the worker's schema (one for the
+    project, `email_worker.logs.JsonFormatter`): time, level, logger, message, structured extras,
+    the kopf object reference and, on failures, the traceback."""
+    root = logging.getLogger()
     if log_format == "json":
-        for handler in logging.getLogger().handlers:
-            handler.setFormatter(_JsonFormatter())
-    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.INFO)
+        for handler in root.handlers:
+            handler.setFormatter(JsonFormatter())
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
     # The kubernetes client and kopf are chatty at INFO about every request.
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
     logging.getLogger("pika").setLevel(logging.CRITICAL)  # probe failures are reported by us, once
-    logging.getLogger("kopf.objects").addFilter(_QuietWatchHandler())
+    watch_log = logging.getLogger("kopf.objects")
+    if not any(isinstance(f, _QuietWatchHandler) for f in watch_log.filters):
+        watch_log.addFilter(_QuietWatchHandler())
+
+
+def run_operator(namespaces: list[str], metrics_port: int, health_port: int, log_format: str, verbose: bool,
+                 election: ElectionSettings | None = None) -> int:
+    configure_logging(log_format, verbose)
 
     from . import handlers  # noqa: F401  (registers the kopf handlers)
 

@@ -28,10 +28,10 @@ import pytest
 from email_worker.publisher import Publisher
 from email_worker.routing import RetryPolicy, parse_tiers
 from email_worker.topology import Topology
-
-from ..exposition import sample_values
 from emailqueue_testbed import state
 from emailqueue_testbed.smtp import SmtpControl
+
+from ..exposition import sample_values
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +56,7 @@ def recorder() -> Iterator[SmtpControl]:
         except OSError:
             if time.monotonic() > deadline or proc.poll() is not None:
                 proc.kill()
-                raise RuntimeError("recording SMTP server did not start")
+                raise RuntimeError("recording SMTP server did not start") from None
             time.sleep(0.1)
     yield control
     proc.terminate()
@@ -79,7 +79,7 @@ class WorkerProcess:
                 "--concurrency", str(concurrency), "--metrics-host", "127.0.0.1",
                 "--metrics-port", str(self.metrics_port), "--grace-seconds", str(grace),
                 "--message-id-domain", DOMAIN, *extra]
-        self._log = open(log_path, "ab")
+        self._log = open(log_path, "ab")  # noqa: SIM115 (closed by stop())
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AMQP_", "SMTP_"))}
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
@@ -114,7 +114,7 @@ class WorkerProcess:
             try:
                 lines.append(json.loads(raw))
             except json.JSONDecodeError:
-                lines.append({"msg": raw, "unstructured": True})
+                lines.append({"message": raw, "unstructured": True})
         return lines
 
 
@@ -309,7 +309,7 @@ def test_stopping_or_killing_the_worker_mid_load_loses_nothing(
     if sig == signal.SIGTERM:
         assert code == 0, first.log_path.read_text()[-2000:]
         assert seconds < 10  # within the grace period
-        stopped = [line for line in first.log_lines() if line.get("msg") == "worker stopped"]
+        stopped = [line for line in first.log_lines() if line.get("message") == "worker stopped"]
         assert stopped, "graceful stop not logged"
     delivered_before = sink.count()
     assert delivered_before < total, "load finished before the signal; the test proves nothing"
@@ -331,7 +331,7 @@ def test_broker_down_at_start_is_reported_and_retried_not_a_crash(
         sink: SmtpControl, start_worker: Callable[..., WorkerProcess]) -> None:
     closed_port = state.free_port()
     worker = start_worker(f"amqp://user:s3cr%2Ft@127.0.0.1:{closed_port}/%2F", sink)
-    wait_until(lambda: sum("cannot connect to broker" in str(line.get("msg")) for line in worker.log_lines()) >= 2,
+    wait_until(lambda: sum("cannot connect to broker" in str(line.get("message")) for line in worker.log_lines()) >= 2,
                30, "two logged connection attempts")
     assert worker.proc.poll() is None  # still trying, not crash-looping
     assert worker.probe("/healthz") == 200 and worker.probe("/readyz") == 503
@@ -367,7 +367,7 @@ def test_a_dropped_broker_connection_is_re_established_and_nothing_is_lost(
     counts = wait_delivered(sink, set(ids), timeout=120)
     report_duplicates("connection dropped", counts)
     assert worker.proc.poll() is None
-    assert any(line.get("msg") == "broker connection lost; reconnecting" for line in worker.log_lines())
+    assert any(line.get("message") == "broker connection lost; reconnecting" for line in worker.log_lines())
     wait_until(lambda: worker.probe("/readyz") == 200, 30, "ready again")
     assert worker.stop()[0] == 0
 
