@@ -18,7 +18,7 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, TypeVar
 
 import pika
 import pika.exceptions
@@ -542,6 +542,17 @@ class ManagementProbe:
 
 # --- the pool: one probe per endpoint ------------------------------------------------
 
+_Probe = TypeVar("_Probe", covariant=True)
+
+
+class OpensProbe(Protocol[_Probe]):
+    """An endpoint that opens its own probe. The Prometheus plugin's endpoint and probe live in
+    rabbitmq_prometheus, which builds on this module: the pool asks the endpoint, so this
+    module never imports that one (no import cycle)."""
+
+    def open_probe(self) -> _Probe: ...
+
+
 class BrokerPool:
     """Hands out shared probes, one per endpoint; the operator has exactly one pool.
 
@@ -586,11 +597,10 @@ class BrokerPool:
     def management(self, endpoint: ManagementEndpoint) -> ManagementProbe:
         return self._get("management", endpoint, ManagementProbe)
 
-    def prometheus(self, endpoint: Any) -> Any:
-        """The shared probe of one Prometheus plugin endpoint (rabbitmq_prometheus)."""
-        from .rabbitmq_prometheus import PrometheusProbe  # it builds on this module
-
-        return self._get("prometheus", endpoint, PrometheusProbe)
+    def prometheus(self, endpoint: OpensProbe[_Probe]) -> _Probe:
+        """The shared probe of one Prometheus plugin endpoint (a rabbitmq_prometheus.PrometheusEndpoint)."""
+        probe: _Probe = self._get("prometheus", endpoint, lambda opener: opener.open_probe())
+        return probe
 
     def open_connections(self) -> int:
         with self._lock:

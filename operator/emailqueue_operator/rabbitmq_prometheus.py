@@ -138,6 +138,10 @@ class PrometheusEndpoint:
         parts = urllib.parse.urlsplit(self.url)
         return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
 
+    def open_probe(self) -> PrometheusProbe:
+        """A new probe of this endpoint (what `rabbitmq.BrokerPool.prometheus` shares)."""
+        return PrometheusProbe(self)
+
     @property
     def metrics_url(self) -> str:
         base = self.url.rstrip("/")
