@@ -36,6 +36,7 @@ import jsonschema
 import yaml
 from croniter import croniter
 from jsonschema import FormatChecker, ValidationError
+from jsonschema.protocols import Validator
 
 __all__ = [
     "AGGREGATES",
@@ -296,7 +297,7 @@ class ScheduleEntry:
         if self.start is not None and self.end is not None:
             return self.rate if self.start <= at < self.end else 0.0
         if self.cron is not None and self.duration_seconds is not None:
-            minute = int(math.floor(at / 60.0)) * 60
+            minute = math.floor(at / 60.0) * 60
             fired = _cron_prev_fire(self.cron, minute)
             return self.rate if fired <= at < fired + self.duration_seconds else 0.0
         return 0.0
@@ -469,14 +470,15 @@ _SpecValidator: Final = jsonschema.validators.extend(  # type: ignore[no-untyped
 
 
 @functools.lru_cache(maxsize=2)
-def _validator(policy_only: bool) -> Any:
+def _validator(policy_only: bool) -> Validator:
     schema = _to_json_schema(_crd_spec())
     if policy_only:
         # The simulator and tests size fleets without a cluster or a broker to name.
         _drop_required(schema, ("scaleTargetRef", "broker"))
         _drop_required(schema["properties"]["broker"], ("amqpSecretRef",))
     _cel_rules()  # every CRD rule has a Python twin, or nothing validates at all
-    return _SpecValidator(schema, format_checker=_FORMATS)
+    validator: Validator = _SpecValidator(schema, format_checker=_FORMATS)
+    return validator
 
 
 def _drop_required(schema: dict[str, Any], names: Sequence[str]) -> None:
