@@ -99,8 +99,10 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Sequence
+from datetime import UTC
+from typing import Any, ClassVar
 
 from .sim_model import (
     DEFAULT_OBSERVATION,
@@ -129,7 +131,7 @@ KEDA_TUNING_VALUES = (1.0, 2.0, 3.0, 5.0, 8.0, 10.0, 15.0, 20.0, 30.0, 50.0)
 
 def ceil_int(x: float) -> int:
     """ceil that ignores float dust (400/10 must be 40, not 41)."""
-    return int(math.ceil(x - 1e-9))
+    return math.ceil(x - 1e-9)
 
 
 def within_tolerance(ratio: float, tolerance: float = HPA_TOLERANCE) -> bool:
@@ -418,8 +420,8 @@ def surge_onset(scenario: Scenario) -> float | None:
     """The first time the arrival rate rises above the base rate (its rate at t=0), or
     None when it never does. A policy without foresight cannot know of a surge earlier."""
     profile, base = scenario.arrival, scenario.base_rate
-    points = list(zip(profile.times, profile.rates))
-    for (t0, r0), (t1, r1) in zip(points, points[1:]):
+    points = list(zip(profile.times, profile.rates, strict=True))
+    for (t0, r0), (t1, r1) in itertools.pairwise(points):
         if r1 <= base + EPSILON:
             continue
         if t1 <= t0 or r0 > base + EPSILON:
@@ -472,7 +474,7 @@ def wait_floor_applies(scenario: Scenario, floor: Series, run: Series) -> str | 
     """
     cap = scenario.max_send_rate if scenario.max_send_rate is not None else math.inf
     mu = scenario.rate_per_replica
-    for t, floor_ready, run_ready, floor_backlog in zip(floor.t, floor.ready, run.ready, floor.backlog):
+    for t, floor_ready, run_ready, floor_backlog in zip(floor.t, floor.ready, run.ready, floor.backlog, strict=True):
         if min(cap, run_ready * mu) > min(cap, floor_ready * mu) + EPSILON and floor_backlog > 1e-6:
             return (f"at t={t:g}s it had {run_ready} ready pods to the floor's {floor_ready} while the floor "
                     f"had a backlog (pods held before the surge, or foresight)")
@@ -493,7 +495,7 @@ class CostFloor:
 def arrivals_per_step(scenario: Scenario, dt: float = 1.0) -> list[float]:
     """Messages published in each step, as the simulator counts them (`cost_floor` takes
     them precomputed when it is called for many runs of one scenario)."""
-    steps = int(round(scenario.duration_seconds / dt))
+    steps = round(scenario.duration_seconds / dt)
     return [scenario.arrival.integral(k * dt, (k + 1) * dt) for k in range(steps)]
 
 
@@ -536,8 +538,8 @@ class _CostFloorProblem:
         self.mu, self.startup = scenario.rate_per_replica, scenario.startup_seconds
         self.cap = scenario.max_send_rate if scenario.max_send_rate is not None else math.inf
         self.dt = dt
-        self.steps = int(round(scenario.duration_seconds / dt))
-        wait_steps = max(0, int(round(max_wait_seconds / dt)))
+        self.steps = round(scenario.duration_seconds / dt)
+        wait_steps = max(0, round(max_wait_seconds / dt))
         per_step = arrivals_per_step(scenario, dt) if arrivals is None else arrivals
         self.arrived = list(itertools.accumulate(per_step))
         self.required = [self.arrived[j - wait_steps] if j >= wait_steps else 0.0 for j in range(self.steps)]
@@ -605,9 +607,9 @@ def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any
 
 
 def _iso(epoch: float) -> str:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def scenario_schedule(scenario: Scenario) -> list[dict[str, Any]]:
@@ -642,7 +644,7 @@ def slo_behavior(startup_seconds: float, max_replicas: int) -> dict[str, Any]:
         "tolerance": 0.0,
         "scaleUp": {"stabilizationSeconds": 0,
                     "policies": [{"type": "Pods", "value": int(max_replicas), "periodSeconds": 15}]},
-        "scaleDown": {"stabilizationSeconds": int(math.ceil(startup_seconds)),
+        "scaleDown": {"stabilizationSeconds": math.ceil(startup_seconds),
                       "policies": [{"type": "Percent", "value": 100, "periodSeconds": 15}]},
     }
 
@@ -684,8 +686,8 @@ class OurPolicy:
 
     def __init__(self, spec_mapping: Mapping[str, Any], start_epoch: float = 0.0, name: str = "ours",
                  observation: str = DEFAULT_OBSERVATION) -> None:
-        from . import scaling  # imported here: baselines must work without them
-        from . import spec as spec_module
+        # imported here: baselines must work without them
+        from . import scaling, spec as spec_module
 
         self._scaling = scaling
         self.spec = spec_module.parse_spec(spec_mapping)
@@ -700,8 +702,8 @@ class OurPolicy:
     def step(self, now: float, view: SimView) -> int:
         s = self._scaling
         observation = s.Observation(
-            ok=True, error=None, ready=int(round(view.ready)),
-            unacked=None if view.unacked is None else int(round(view.unacked)),
+            ok=True, error=None, ready=round(view.ready),
+            unacked=None if view.unacked is None else round(view.unacked),
             consumers=view.consumers, publish_rate=view.publish_rate, ack_rate=view.ack_rate,
             oldest_age_seconds=view.oldest_age_seconds, current_replicas=view.current_replicas,
             ready_replicas=view.ready_replicas,
@@ -716,10 +718,10 @@ class OurPolicy:
         """Whether the policy raised downstream saturation, first when (simulation seconds),
         in how many polls, and the most replicas it held while saturated once its scale-down
         window had passed."""
-        times = [t for t, d in zip(self.decision_times, self.decisions) if getattr(d, "saturated", False)]
+        times = [t for t, d in zip(self.decision_times, self.decisions, strict=True) if getattr(d, "saturated", False)]
         # What it holds once its own scale-down window (the HPA behavior) let the cut through.
         settle = float(self.spec.behavior.scale_down.stabilization_seconds) + self.poll_seconds
-        held = [d.replicas for t, d in zip(self.decision_times, self.decisions)
+        held = [d.replicas for t, d in zip(self.decision_times, self.decisions, strict=True)
                 if getattr(d, "saturated", False) and t >= times[0] + settle]
         return {"raised": bool(times), "first_at": times[0] if times else None, "polls": len(times),
                 "held_max": max(held) if held else None}

@@ -5,8 +5,9 @@ A condition keeps its lastTransitionTime while its status stays the same, so
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 TYPES = ("Ready", "MetricsAvailable", "ScalingLimited", "FallbackActive", "DownstreamSaturated", "Paused")
 

@@ -25,9 +25,10 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
-from typing import Any, Callable, Protocol
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 from prometheus_client import REGISTRY, CollectorRegistry, Gauge
 
@@ -105,7 +106,7 @@ class LeaseRecord:
 
 def micro_time(epoch: float) -> str:
     """A Kubernetes MicroTime (RFC 3339 with microseconds)."""
-    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class Election:
@@ -187,7 +188,10 @@ class KubeLeaseStore:
         from . import kube
 
         kube.api_client()  # loads the in-cluster config or the kubeconfig into the default Configuration
-        self._api = client.CoordinationV1Api(client.ApiClient())
+        # Raw calls: with `_preload_content=False` the client returns the urllib3 response (the JSON is
+        # parsed here, not into client models), and bodies are plain dicts it serialises as they are.
+        # The generated annotations (V1Lease in, V1Lease out) describe neither, hence Any.
+        self._api: Any = client.CoordinationV1Api(client.ApiClient())
         self._exception = client.exceptions.ApiException
         self.namespace, self.name, self.timeout = namespace, name, timeout
 

@@ -28,8 +28,8 @@ class OperatorMetrics:
         self.oldest_age = Gauge("emailqueue_oldest_message_age_seconds",
                                 "Age of the oldest message: measured, or estimated from backlog and throughput",
                                 EQ, registry=r)
-        self.rate_per_replica = Gauge("emailqueue_rate_per_replica", "Emails/s one replica sustains (configured or learned)",
-                                      EQ, registry=r)
+        self.rate_per_replica = Gauge("emailqueue_rate_per_replica",
+                                      "Emails/s one replica sustains (configured or learned)", EQ, registry=r)
         self.replicas_current = Gauge("emailqueue_replicas_current", "Replicas the target has (/scale)", EQ, registry=r)
         self.replicas_ready = Gauge("emailqueue_replicas_ready", "Ready replicas of the target", EQ, registry=r)
         self.replicas_desired = Gauge("emailqueue_replicas_desired", "Replicas the policy decided", EQ, registry=r)
@@ -63,11 +63,13 @@ class OperatorMetrics:
                             metric.remove(namespace, name, extra)
                         except KeyError:
                             pass
-        for metric in (self.arrival_rate, self.ack_rate, self.oldest_age, self.rate_per_replica,
-                       self.replicas_current, self.replicas_ready, self.replicas_desired, self.replicas_min,
-                       self.replicas_max, self.slo_seconds, self.probe_duration):
+        per_resource: tuple[Gauge | Histogram, ...] = (
+            self.arrival_rate, self.ack_rate, self.oldest_age, self.rate_per_replica, self.replicas_current,
+            self.replicas_ready, self.replicas_desired, self.replicas_min, self.replicas_max, self.slo_seconds,
+            self.probe_duration)
+        for series in per_resource:
             try:
-                metric.remove(namespace, name)
+                series.remove(namespace, name)
             except KeyError:
                 pass
         for state in ("ready", "unacked"):

@@ -41,8 +41,9 @@ import json
 import math
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, TypeGuard
 
 import yaml
 
@@ -95,7 +96,7 @@ def observation_lag_seconds(source: str, poll_seconds: float) -> float:
     return 0.0
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: Any) -> TypeGuard[float]:
     """A real number that is neither NaN nor infinite (an int too large for a float is not)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
@@ -174,10 +175,10 @@ class PlanInput:
         if comparable and _finite(self.max_send_rate) and self.max_send_rate < self.base_rate:
             found.append(f"max send rate {self.max_send_rate:g}/s is below the base rate {self.base_rate:g}/s: "
                          "the queue would grow without end on an ordinary day")
-        for label, value, limit in (("name", self.name, 253), ("deployment", self.deployment, 253)):
-            if not isinstance(value, str) or len(value) > limit or not _DNS_SUBDOMAIN.fullmatch(value):
+        for label, given, limit in (("name", self.name, 253), ("deployment", self.deployment, 253)):
+            if not isinstance(given, str) or len(given) > limit or not _DNS_SUBDOMAIN.fullmatch(given):
                 found.append(f"{label} must be a Kubernetes name (lower-case letters, digits, '-' and '.', "
-                             f"at most {limit} characters), got {value!r}")
+                             f"at most {limit} characters), got {given!r}")
         if not isinstance(self.queue, str) or not 1 <= len(self.queue) <= 255:
             found.append(f"queue must be 1 to 255 characters, got {self.queue!r}")
         if self.metrics_source not in METRICS_SOURCES:

@@ -10,7 +10,8 @@ and the simulator (`sim.py`, observation mode `prometheus`) both average counter
 """
 from __future__ import annotations
 
-from typing import Sequence
+import itertools
+from collections.abc import Sequence
 
 # The two samples a rate is taken between must lie at least this fraction of the window
 # apart: a rate over a sliver of the window (two scrapes a second apart) is mostly noise.
@@ -32,7 +33,7 @@ def counter_rate_window(poll_seconds: float) -> float:
 def counter_increase(values: Sequence[float]) -> float:
     """Total increase along successive counter values; a decrease is a reset to zero."""
     total = 0.0
-    for before, after in zip(values, values[1:]):
+    for before, after in itertools.pairwise(values):
         total += after - before if after >= before else after
     return total
 

@@ -441,7 +441,8 @@ def _prune_recommendations(
     return tuple(kept)
 
 
-def _prune_events(events: tuple[tuple[float, int], ...], now: float, spec: EmailQueueSpec) -> tuple[tuple[float, int], ...]:
+def _prune_events(events: tuple[tuple[float, int], ...], now: float,
+                  spec: EmailQueueSpec) -> tuple[tuple[float, int], ...]:
     periods = [p.period_seconds for p in spec.behavior.scale_up.policies + spec.behavior.scale_down.policies]
     longest = max(periods, default=0)
     cutoff = now - longest
@@ -476,7 +477,7 @@ def _record_scale(
     # against changes that did not happen.
     if replicas == current or spec.dry_run:
         return events
-    return events + ((now, replicas - current),)
+    return (*events, (now, replicas - current))
 
 
 def _decide_blind(spec: EmailQueueSpec, obs: Observation, state: PolicyState, now: float) -> Decision:
@@ -621,9 +622,11 @@ def _update_saturation(
     fleet, since = state.fleet_replicas, state.fleet_since
     if fleet != busy or since is None:
         fleet, since = busy, now
-    veto = state.saturation_veto_until if state.saturation_veto_until is not None and state.saturation_veto_until > now else None
+    veto_at = state.saturation_veto_until
+    veto = veto_at if veto_at is not None and veto_at > now else None
 
-    def out(baseline: ThroughputSample | None, saturation: Saturation | None, veto_until: float | None = veto) -> _SaturationUpdate:
+    def out(baseline: ThroughputSample | None, saturation: Saturation | None,
+            veto_until: float | None = veto) -> _SaturationUpdate:
         return _SaturationUpdate(fleet, since, baseline, saturation, veto_until)
 
     baseline, saturation = state.throughput_baseline, state.saturation
@@ -754,7 +757,8 @@ def _keep_up(spec: EmailQueueSpec, obs: Observation, state: PolicyState, rates: 
             if rates.arrival is not None and rates.per_replica:
                 # the most that would still fall short of the estimated arrivals
                 short = max(short, min(spec.replicas.max, math.ceil(rates.arrival / rates.per_replica - EPSILON) - 1))
-            again = state.short_replicas is not None and 0.9 * state.short_replicas <= short <= 1.1 * state.short_replicas
+            again = (state.short_replicas is not None
+                     and 0.9 * state.short_replicas <= short <= 1.1 * state.short_replicas)
             memory.update(short_replicas=short, short_at=now, keepup_step=None,
                           short_hold=min(2 * hold, KEEPUP_MEMORY_MAX_SECONDS) if again else KEEPUP_MEMORY_SECONDS)
 
@@ -784,8 +788,8 @@ def _keep_up(spec: EmailQueueSpec, obs: Observation, state: PolicyState, rates: 
     if probe >= current:
         return _KeepUp(float(current),
                        f"queue empty (no rate source); {fell_short} replicas fell behind recently: holding", memory)
-    return _KeepUp(float(probe), f"queue empty for {now - since:.0f}s (no rate source): giving back capacity step by step",
-                   memory)
+    return _KeepUp(float(probe),
+                   f"queue empty for {now - since:.0f}s (no rate source): giving back capacity step by step", memory)
 
 
 @dataclass
@@ -862,7 +866,8 @@ def _decide_measured(spec: EmailQueueSpec, obs: Observation, state: PolicyState,
         recommendations = ((now, min(current, bounds.max)),)
     stabilized, recommendations = _stabilize(behavior, recommendations, recommended, current, now, why)
     replicas = _shape(spec, current, stabilized, state.scale_events, now, idle_for, why)
-    reason = summary + (f"; {driver} term {terms[driver]:.1f}" if driver is not None else "") + f" → {replicas} replicas"
+    driver_note = f"; {driver} term {terms[driver]:.1f}" if driver is not None else ""
+    reason = f"{summary}{driver_note} → {replicas} replicas"
     if why.notes:
         reason += " (" + "; ".join(why.notes) + ")"
     return finish(replicas, reason)
@@ -908,7 +913,7 @@ def _stabilize(behavior: Any, recommendations: tuple[tuple[float, int], ...], de
     if stabilized != desired:
         window = up_rules.stabilization_seconds if desired > current else down_rules.stabilization_seconds
         why.add("stabilization", f"held at {stabilized} by the {window}s stabilization window")
-    kept = _prune_recommendations(recommendations + ((now, desired),), now, up_rules.stabilization_seconds,
+    kept = _prune_recommendations((*recommendations, (now, desired)), now, up_rules.stabilization_seconds,
                                   down_rules.stabilization_seconds)
     return stabilized, kept
 

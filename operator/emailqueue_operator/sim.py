@@ -21,9 +21,10 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from .baselines import (
     CausalWaitFloor,
@@ -389,8 +390,8 @@ def format_table(report: Mapping[str, Any]) -> str:
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
         lines += [f"scenario {report['scenario']['name']}, observation {mode} "
                   f"(keda-queuelength-tuned value = {block['keda_tuned_value']:g})",
-                  "  ".join(h.rjust(w) for h, w in zip(headers, widths))]
-        lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+                  "  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))]
+        lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
         for name, reason in block.get("not_applicable", {}).items():
             lines.append(f"  {name}: not applicable ({reason})")
         for c in block["acceptance"]:

@@ -43,12 +43,14 @@ Model (values in, values out; no clock, no I/O but reading scenario files):
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import yaml
 
@@ -75,7 +77,7 @@ class ArrivalProfile:
     rates: tuple[float, ...]
 
     @staticmethod
-    def from_steps(steps: Sequence[Sequence[float]]) -> "ArrivalProfile":
+    def from_steps(steps: Sequence[Sequence[float]]) -> ArrivalProfile:
         times: list[float] = []
         rates: list[float] = []
         for t, rate in sorted(((float(t), float(r)) for t, r in steps), key=lambda p: p[0]):
@@ -87,7 +89,7 @@ class ArrivalProfile:
         return ArrivalProfile(tuple(times), tuple(rates))
 
     @staticmethod
-    def from_points(points: Sequence[Sequence[float]]) -> "ArrivalProfile":
+    def from_points(points: Sequence[Sequence[float]]) -> ArrivalProfile:
         ordered = sorted(((float(t), float(r)) for t, r in points), key=lambda p: p[0])
         return ArrivalProfile(tuple(t for t, _ in ordered), tuple(r for _, r in ordered))
 
@@ -109,7 +111,7 @@ class ArrivalProfile:
         total = 0.0
         # Knots inside (a, b) split the interval into linear pieces.
         cuts = [a] + [t for t in self.times if a < t < b] + [b]
-        for lo, hi in zip(cuts, cuts[1:]):
+        for lo, hi in itertools.pairwise(cuts):
             if hi > lo:
                 mid = (lo + hi) / 2  # a piece is linear, so the midpoint rate is its mean
                 total += self.rate_at(mid) * (hi - lo)
@@ -118,7 +120,7 @@ class ArrivalProfile:
     def max_between(self, a: float, b: float) -> float:
         """Highest rate on [a, b] (the curve is linear between knots, so knots and ends suffice)."""
         candidates = [self.rate_at(a), self.rate_at(b)]
-        candidates += [r for t, r in zip(self.times, self.rates) if a <= t <= b]
+        candidates += [r for t, r in zip(self.times, self.rates, strict=True) if a <= t <= b]
         return max(candidates)
 
     @property
@@ -431,7 +433,7 @@ class Observer:
         self._ack_samples: deque[tuple[float, float]] = deque()
         # The operator's counter history before t=0: polls at -poll, -2 poll, ... reaching
         # one poll beyond the window; counters offset so that they start at 0 there.
-        self._history_polls = int(math.ceil(self.window_seconds / self.poll_seconds - EPSILON)) + 1
+        self._history_polls = math.ceil(self.window_seconds / self.poll_seconds - EPSILON) + 1
         span = self._history_polls * self.poll_seconds
         self._publish_offset = self.prior_publish_rate * span
         self._ack_offset = self.prior_ack_rate * span
@@ -593,7 +595,7 @@ def surge_end(profile: ArrivalProfile, duration: float) -> float:
     base = profile.base_rate
     end = 0.0
     above = False
-    for t, rate in zip(profile.times, profile.rates):
+    for t, rate in zip(profile.times, profile.rates, strict=True):
         if t > duration:
             break
         if rate > base + EPSILON:
@@ -617,8 +619,8 @@ def simulate(scenario: Scenario, policy: Policy, dt: float = 1.0, observation: s
     reason = not_applicable(policy, mode)
     if reason is not None:
         raise ValueError(f"policy {policy.name} {reason}")
-    steps = int(round(scenario.duration_seconds / dt))
-    poll_steps = max(1, int(round(policy.poll_seconds / dt)))
+    steps = round(scenario.duration_seconds / dt)
+    poll_steps = max(1, round(policy.poll_seconds / dt))
     mu = scenario.rate_per_replica
     cap = scenario.max_send_rate
     profile = scenario.arrival
@@ -723,7 +725,7 @@ def simulate(scenario: Scenario, policy: Policy, dt: float = 1.0, observation: s
     # Time to drain after the last surge ends.
     s_end = surge_end(profile, end)
     drained_at = None
-    for t, backlog in zip(series_t, series_backlog):
+    for t, backlog in zip(series_t, series_backlog, strict=True):
         if t >= s_end - EPSILON and backlog <= empty_level:
             drained_at = t
             break

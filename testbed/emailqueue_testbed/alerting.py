@@ -14,7 +14,8 @@ I/O (against the test bed's `PrometheusServer`):
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from . import state
 
@@ -51,7 +52,7 @@ def first_breach_in_series(t: Sequence[float], arrival_rate: Sequence[float], ba
     arrived = [0.0]
     for i in range(1, len(t)):
         arrived.append(arrived[-1] + arrival_rate[i - 1] * (t[i] - t[i - 1]))
-    departed = [a - b for a, b in zip(arrived, backlog)]
+    departed = [a - b for a, b in zip(arrived, backlog, strict=True)]
     j = 0
     for i, start in enumerate(t):
         while j < len(t) - 1 and t[j] < start + slo:
@@ -65,7 +66,7 @@ def first_breach_in_series(t: Sequence[float], arrival_rate: Sequence[float], ba
     return None
 
 
-def alert_report(spans: Sequence["AlertSpan"], *, surge_start: float, surge_end: float, slo: float,
+def alert_report(spans: Sequence[AlertSpan], *, surge_start: float, surge_end: float, slo: float,
                  first_breach: float | None, backlog_end: float | None, run_end: float,
                  settle_seconds: float) -> dict[str, Any]:
     """The alert timeline of one surge run (every time in seconds since publishing started).
@@ -125,7 +126,7 @@ def runbook_section(url: str, runbook_text: str) -> str | None:
 
 
 # =========================================================================== I/O
-def check_dashboard(prom: "PrometheusServer", start: float, end: float, variables: Mapping[str, str],
+def check_dashboard(prom: PrometheusServer, start: float, end: float, variables: Mapping[str, str],
                     step: float = 1.0) -> list[dict[str, Any]]:
     """Every panel query of the shipped dashboard over [start, end]: series returned, data or not."""
     import json

@@ -10,8 +10,8 @@ from __future__ import annotations
 import secrets
 import shutil
 import ssl
-import time
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 

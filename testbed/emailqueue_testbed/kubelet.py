@@ -33,9 +33,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from . import state
 
@@ -212,7 +213,7 @@ class LocalKubelet:
         self.errors = 0
 
     # -- public ---------------------------------------------------------------------------------
-    def start(self) -> "LocalKubelet":
+    def start(self) -> LocalKubelet:
         self.config.log_dir.mkdir(parents=True, exist_ok=True)
         self._thread = threading.Thread(target=self._loop, name="local-kubelet", daemon=True)
         self._thread.start()
@@ -248,7 +249,7 @@ class LocalKubelet:
         except Exception:  # the namespace may be gone already; nothing left to report
             pass
 
-    def __enter__(self) -> "LocalKubelet":
+    def __enter__(self) -> LocalKubelet:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

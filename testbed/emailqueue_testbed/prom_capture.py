@@ -51,7 +51,7 @@ def relevant_families(text: str) -> str:
     return "\n".join(kept) + "\n"
 
 
-def bring_about_state(record: state.Record) -> "object":
+def bring_about_state(record: state.Record) -> object:
     """Publish and half-consume; returns the open connection (keeps the consumer attached)."""
     import pika
 

@@ -24,9 +24,10 @@ import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -255,7 +256,8 @@ class PrometheusServer:
             # honorLabels so the operator's own {namespace, name} labels are kept.
             {"job_name": OPERATOR_JOB, "honor_labels": True, "static_configs": [
                 {"targets": [operator_target], "labels": {"namespace": operator_namespace}}]},
-            {"job_name": worker_job, "file_sd_configs": [{"files": [str(self.targets_file)], "refresh_interval": "1s"}]},
+            {"job_name": worker_job,
+             "file_sd_configs": [{"files": [str(self.targets_file)], "refresh_interval": "1s"}]},
         ]
         if rabbitmq_target:
             jobs.append({"job_name": RABBITMQ_JOB, "static_configs": [{"targets": [rabbitmq_target]}]})
@@ -300,7 +302,7 @@ class PrometheusServer:
             state.stop(self.component)
             self.pid = None
 
-    def __enter__(self) -> "PrometheusServer":
+    def __enter__(self) -> PrometheusServer:
         self.start()
         return self
 

@@ -184,7 +184,8 @@ class Management:
                 raise
 
     def queue(self, vhost: str, name: str) -> dict[str, Any]:
-        return self.request("GET", f"/api/queues/{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(name, safe='')}")
+        quoted_vhost, quoted_name = urllib.parse.quote(vhost, safe=""), urllib.parse.quote(name, safe="")
+        return self.request("GET", f"/api/queues/{quoted_vhost}/{quoted_name}")
 
 
 def await_startup(facts: dict[str, Any], timeout: float, log: Path, server_pid: int | None = None) -> None:

@@ -12,9 +12,10 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 STATE_DIR = Path(os.environ.get("EQ_TESTBED_DIR", REPO / ".testbed"))
@@ -70,7 +71,8 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.25, log: Pa
         time.sleep(interval)
     tail = ""
     if log and log.exists():
-        tail = "\n--- last lines of " + str(log) + " ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        last = log.read_text(errors="replace").splitlines()[-30:]
+        tail = f"\n--- last lines of {log} ---\n" + "\n".join(last)
     raise TestbedError(f"timed out after {timeout:.0f}s waiting for {what}{tail}")
 
 

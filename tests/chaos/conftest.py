@@ -6,8 +6,8 @@ vhost and recording SMTP server from `ChaosStack`, so nothing here disturbs othe
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 

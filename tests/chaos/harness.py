@@ -18,6 +18,7 @@ Expectations are asserted by the test modules, not here.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -27,15 +28,23 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import pika
 
 from emailqueue_testbed import state
-from emailqueue_testbed.demo import (QUEUE, QUORUM_STATS_SPEC, REPO, DemoStack, Endpoints, SurgePlan,
-                                     job_id_from_message_id)
+from emailqueue_testbed.demo import (
+    QUEUE,
+    QUORUM_STATS_SPEC,
+    REPO,
+    DemoStack,
+    Endpoints,
+    SurgePlan,
+    job_id_from_message_id,
+)
 
 RESULTS_DIR = Path(os.environ.get("CHAOS_RESULTS_DIR", REPO / "out" / "chaos" / "results"))
 LONG = os.environ.get("CHAOS_LONG", "") not in ("", "0")
@@ -113,8 +122,8 @@ class ChaosStack(DemoStack):
         kubelet = self.kubelet
         assert kubelet is not None
         # The kubelet exposes no process handles; its pod table is the only place they live.
-        with kubelet._lock:  # noqa: SLF001 - test bed internals, read only
-            running = [(name, pod.proc) for name, pod in kubelet._pods.items()  # noqa: SLF001
+        with kubelet._lock:  # test bed internals, read only
+            running = [(name, pod.proc) for name, pod in kubelet._pods.items()
                        if pod.proc is not None and pod.proc.poll() is None and pod.phase != "terminating"]
         if not running:
             return None
@@ -133,7 +142,7 @@ class ChaosStack(DemoStack):
     def restart_operator(self) -> None:
         """A new operator process on the same namespace (as a Deployment would restart it)."""
         self.operator_restarts += 1
-        log = open(self.out_dir / f"operator-restart-{self.operator_restarts}.log", "ab")
+        log = open(self.out_dir / f"operator-restart-{self.operator_restarts}.log", "ab")  # noqa: SIM115 (closed by _stop_operator)
         env = {**os.environ, "KUBECONFIG": self.endpoints.kubeconfig}
         self.operator = subprocess.Popen(
             [sys.executable, "-m", "emailqueue_operator", "run", "--namespace", self.namespace,
@@ -151,7 +160,7 @@ class ChaosStack(DemoStack):
         with contextlib.closing(pika.BlockingConnection(pika.URLParameters(self.amqp_url))) as connection:
             channel = connection.channel()
             while True:
-                method, properties, body = channel.basic_get(DEAD_QUEUE, auto_ack=True)
+                method, properties, _body = channel.basic_get(DEAD_QUEUE, auto_ack=True)
                 if method is None:
                     return letters
                 headers = properties.headers or {}
@@ -388,7 +397,7 @@ def recovery_seconds(run: LoadRun, healed_at: float, threshold: int | None = Non
     and mail flows again (SMTP receipts rising); None if it never did within the run."""
     limit = threshold if threshold is not None else max(3, int(run.load.rate * 3))
     after = [t for t in run.ticks if t.t >= healed_at]
-    for previous, tick in zip(after, after[1:]):
+    for previous, tick in itertools.pairwise(after):
         flowing = tick.received > previous.received or tick.accepted == previous.accepted
         if tick.backlog is not None and tick.backlog <= limit and flowing:
             return round(tick.t - healed_at, 1)
@@ -398,7 +407,7 @@ def recovery_seconds(run: LoadRun, healed_at: float, threshold: int | None = Non
 def scale_downs_while(run: LoadRun, blind: Callable[[Tick], bool]) -> list[tuple[float, int, int]]:
     """(t, from, to) for every drop in desired replicas between ticks where `blind` holds."""
     drops = []
-    for previous, tick in zip(run.ticks, run.ticks[1:]):
+    for previous, tick in itertools.pairwise(run.ticks):
         if blind(previous) and blind(tick) and previous.desired is not None and tick.desired is not None \
                 and tick.desired < previous.desired:
             drops.append((tick.t, previous.desired, tick.desired))

@@ -15,14 +15,23 @@ and longer faults, as the issue states them (4xx for a minute).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import random
-import time
 
 import pytest
 
-from .harness import (Fault, LoadPlan, fault_window, figures, long_or_short, record, recovery_seconds, run_load,
-                      scale_downs_while)
+from .harness import (
+    Fault,
+    LoadPlan,
+    fault_window,
+    figures,
+    long_or_short,
+    record,
+    recovery_seconds,
+    run_load,
+    scale_downs_while,
+)
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.timeout(long_or_short(900, 300))]
 
@@ -135,7 +144,7 @@ def test_operator_killed_and_restarted_under_load_decides_the_same_and_recovers(
     # The policy's memory (stabilization history, last scale time) lives in status: the new
     # process must pick up where the old one stopped, not re-decide from scratch.
     window = [t.desired for t in after if first_decision is not None and t.t <= first_decision.t + 10]
-    changes = [(a, b) for a, b in zip(window, window[1:]) if a != b]
+    changes = [(a, b) for a, b in itertools.pairwise(window) if a != b]
     result.update(fault=f"operator SIGKILLed under load, restarted {down:g} s later",
                   desired_before_kill=desired_before,
                   desired_during_downtime=sorted({t.desired for t in run.ticks

@@ -20,8 +20,20 @@ import pytest
 from emailqueue_operator.scaling import scale_down_limit, scale_up_limit
 from emailqueue_operator.spec import ScalingPolicy, ScalingRules
 
-from .harness import (CONDITION_LIMIT, LEGACY_DOWN, LEGACY_TEST_UP, NOW, RATE_LIMITS, UNLIMITED_DOWN, UNLIMITED_UP,
-                      hpa_spec, rules, run, seen_before, uniform_events)
+from .harness import (
+    CONDITION_LIMIT,
+    LEGACY_DOWN,
+    LEGACY_TEST_UP,
+    NOW,
+    RATE_LIMITS,
+    UNLIMITED_DOWN,
+    UNLIMITED_UP,
+    hpa_spec,
+    rules,
+    run,
+    seen_before,
+    uniform_events,
+)
 
 UP, DOWN = +1, -1
 

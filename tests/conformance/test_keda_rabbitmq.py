@@ -23,8 +23,16 @@ import requests
 
 from emailqueue_operator import kube
 from emailqueue_operator.poller import amqp_endpoint
-from emailqueue_operator.rabbitmq import (AmqpEndpoint, AmqpProbe, BrokerAuthError, BrokerError, ManagementEndpoint,
-                                          ManagementProbe, QueueNotFound, QueueStats)
+from emailqueue_operator.rabbitmq import (
+    AmqpEndpoint,
+    AmqpProbe,
+    BrokerAuthError,
+    BrokerError,
+    ManagementEndpoint,
+    ManagementProbe,
+    QueueNotFound,
+    QueueStats,
+)
 from emailqueue_operator.reconcile import observation_of
 from emailqueue_operator.scaling import PolicyState, decide
 from emailqueue_operator.spec import EmailQueueSpec, SpecError, default_spec, parse_spec
@@ -148,8 +156,8 @@ def _parses(spec: dict[str, Any]) -> bool:
 H = "myHostSecret"
 
 
-def _meta(metadata: dict[str, str], keda_error: bool, ours_error: bool | None = None, auth: dict[str, str] | None = None,
-          why: str | None = None, name: str = "") -> Any:
+def _meta(metadata: dict[str, str], keda_error: bool, ours_error: bool | None = None,
+          auth: dict[str, str] | None = None, why: str | None = None, name: str = "") -> Any:
     return pytest.param(metadata, auth or {}, keda_error, keda_error if ours_error is None else ours_error, why,
                         id=name)
 
@@ -502,7 +510,8 @@ def _length_rows(operation: str) -> list[Any]:
 def _deliver_rows(operation: str) -> list[Any]:
     # testRegexQueueInfoTestData, "<operation> deliverGet rate"
     first = [_q(4, 0, 0, 2), _q(2, 0, 0, 2, second=True)] if operation == "sum" else (
-        [_q(8, 0, 0, 2), _q(4, 0, 0, 4, second=True)] if operation == "max" else [_q(8, 0, 0, 4), _q(4, 0, 0, 4, second=True)])
+        [_q(8, 0, 0, 2), _q(4, 0, 0, 4, second=True)] if operation == "max"
+        else [_q(8, 0, 0, 4), _q(4, 0, 0, 4, second=True)])
     return [
         R(DGR, operation, first, True),
         R(DGR, operation, [_q(0, 0), _q(4, 0, 4, 4, second=True)], True),

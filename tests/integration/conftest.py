@@ -1,16 +1,12 @@
 """Fixtures for running the real operator against the test bed."""
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
-import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
 
 import pytest
-import yaml
 
 from emailqueue_testbed.state import free_port
 
@@ -51,9 +47,10 @@ def start_operator(kube_env, crds, tmp_path, request) -> Iterator[Callable[..., 
         metrics_port = free_port()
         log = tmp_path / f"operator-{len(started)}.log"
         env = kube_env.env()
-        proc = subprocess.Popen([sys.executable, "-m", "emailqueue_operator", "run", "--namespace", namespace,
-                                 "--metrics-port", str(metrics_port), "--health-port", "0", *extra],
-                                stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        with open(log, "wb") as out:  # the child has its own copy of the descriptor
+            proc = subprocess.Popen([sys.executable, "-m", "emailqueue_operator", "run", "--namespace", namespace,
+                                     "--metrics-port", str(metrics_port), "--health-port", "0", *extra],
+                                    stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         op = OperatorProcess(proc, log, metrics_port)
         started.append(op)
         return op

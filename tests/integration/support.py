@@ -8,8 +8,9 @@ import ssl
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pika
 import yaml
@@ -74,7 +75,7 @@ def https_server(folder: Path, content_type: str, body: Callable[[str], bytes]) 
                    check=True, capture_output=True)
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        def do_GET(self) -> None:  # http.server's name
             self.send_response(200)
             self.send_header("Content-Type", content_type)
             self.end_headers()

@@ -7,8 +7,16 @@ import urllib.parse
 import pika
 import pytest
 
-from emailqueue_operator.rabbitmq import (AmqpEndpoint, BrokerAuthError, BrokerError, BrokerPool, ManagementEndpoint,
-                                          MetricsUnavailable, QueueNotFound, TlsOptions)
+from emailqueue_operator.rabbitmq import (
+    AmqpEndpoint,
+    BrokerAuthError,
+    BrokerError,
+    BrokerPool,
+    ManagementEndpoint,
+    MetricsUnavailable,
+    QueueNotFound,
+    TlsOptions,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -17,7 +25,7 @@ def _publish(url: str, queue: str, n: int) -> None:
     with pika.BlockingConnection(pika.URLParameters(url)) as conn:
         ch = conn.channel()
         ch.queue_declare(queue, durable=True)
-        for i in range(n):
+        for _ in range(n):
             ch.basic_publish("", queue, b"x", pika.BasicProperties(delivery_mode=2, timestamp=int(time.time())))
 
 

@@ -16,14 +16,14 @@ import subprocess
 import tarfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
 
 from tests.integration.test_chart import CHART, REPO, helm, release  # noqa: F401 (shared fixtures)
-
 
 pytestmark = pytest.mark.integration
 

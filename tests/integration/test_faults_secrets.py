@@ -128,8 +128,10 @@ def _worker_capture(rabbitmq, vhost_name: str, user: str, password: str, tmp_pat
     log = tmp_path / "worker.log"
     env = {**os.environ, "AMQP_URL": url, "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(free_port()),
            "METRICS_PORT": str(metrics_port), "LOG_LEVEL": "debug"}
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from email_worker.cli import main; sys.exit(main())",
-                             "run"], stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env)
+    with open(log, "wb") as out:  # the child has its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-c",
+                                 "import sys; from email_worker.cli import main; sys.exit(main())", "run"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
     metrics = ""
     try:
         deadline = time.monotonic() + 15

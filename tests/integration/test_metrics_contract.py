@@ -36,10 +36,11 @@ def test_dashboard_and_alerts_query_only_what_the_processes_export(kube_env, nam
         "broker": {"queue": "emails", "amqpSecretRef": {"name": "rabbit", "uriKey": "uri"}},
         "target": {"drainSeconds": 30}}))
     worker_port = free_port()
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "email_worker", "run", "--metrics-port", str(worker_port)],
-        env={**os.environ, "AMQP_URL": vhost, "SMTP_HOST": smtp.host, "SMTP_PORT": str(smtp.port)},
-        stdout=open(tmp_path / "worker.log", "wb"), stderr=subprocess.STDOUT)
+    with open(tmp_path / "worker.log", "wb") as out:  # the child has its own copy of the descriptor
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "email_worker", "run", "--metrics-port", str(worker_port)],
+            env={**os.environ, "AMQP_URL": vhost, "SMTP_HOST": smtp.host, "SMTP_PORT": str(smtp.port)},
+            stdout=out, stderr=subprocess.STDOUT)
     try:
         # As the chart runs it (leader election on): the leader gauge is part of what is exported.
         operator = start_operator(namespace, "--leader-elect", "--leader-election-namespace", namespace,

@@ -26,7 +26,7 @@ def _publish(url: str, queue: str, n: int) -> None:
         channel = conn.channel()
         channel.queue_declare(queue, durable=True)
         channel.confirm_delivery()
-        for i in range(n):
+        for _ in range(n):
             channel.basic_publish("", queue, b"x", pika.BasicProperties(delivery_mode=2))
 
 
@@ -76,7 +76,7 @@ def test_each_source_sees_the_queue_on_each_broker(broker_vhost):
 
 
 class _Html200(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:  # http.server's name
         body = b"<html><body>Sign in to continue</body></html>"
         self.send_response(200)
         self.send_header("content-type", "text/html")

@@ -23,8 +23,9 @@ def test_broker_stopped_triggers_fallback_without_scaling_down(kube_env, namespa
 
     rabbitmq.stop_broker()
     try:
-        cond = wait_for(lambda: (c := _condition(kube_env, namespace, "FallbackActive")) and c["status"] == "True" and c,
-                        40, "FallbackActive after 2 failed probes")
+        cond = wait_for(
+            lambda: (c := _condition(kube_env, namespace, "FallbackActive")) and c["status"] == "True" and c,
+            40, "FallbackActive after 2 failed probes")
         assert _replicas(kube_env, namespace) == 5
         status = get_json(kube_env, namespace, "emailqueue", "emails")["status"]
         assert status["consecutiveFailures"] >= 2

@@ -66,7 +66,8 @@ def test_crd_with_status_subresource_and_printer_columns(kube_env, namespace):
     kube_env.kubectl("apply", "-f", "-", input=WIDGET_CRD)
     kube_env.kubectl("wait", "--for=condition=Established", "crd/widgets.testbed.emailqueue.dev", "--timeout=30s")
     kube_env.kubectl("-n", namespace, "apply", "-f", "-",
-                     input="apiVersion: testbed.emailqueue.dev/v1\nkind: Widget\nmetadata: {name: w1}\nspec: {size: 3}\n")
+                     input="apiVersion: testbed.emailqueue.dev/v1\nkind: Widget\n"
+                           "metadata: {name: w1}\nspec: {size: 3}\n")
     kube_env.kubectl("-n", namespace, "patch", "widget", "w1", "--subresource=status", "--type=merge",
                      "-p", '{"status": {"phase": "Ready"}}')
     table = kube_env.kubectl("-n", namespace, "get", "wd").stdout
@@ -79,7 +80,8 @@ def test_crd_with_status_subresource_and_printer_columns(kube_env, namespace):
     assert obj["status"]["phase"] == "Ready"
     # The schema is enforced by the real apiserver.
     bad = kube_env.kubectl("-n", namespace, "apply", "-f", "-", check=False,
-                           input="apiVersion: testbed.emailqueue.dev/v1\nkind: Widget\nmetadata: {name: w2}\nspec: {size: -1}\n")
+                           input="apiVersion: testbed.emailqueue.dev/v1\nkind: Widget\n"
+                                 "metadata: {name: w2}\nspec: {size: -1}\n")
     assert bad.returncode != 0 and "spec.size" in bad.stderr
 
 
@@ -161,8 +163,9 @@ def test_prometheus_scrapes_loads_the_rules_and_is_stopped_by_testbed_down(tmp_p
     server that a killed run left behind."""
     import time
 
-    from emailqueue_testbed import prometheus, state
     from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+    from emailqueue_testbed import prometheus, state
 
     registry = CollectorRegistry()
     Gauge("emailworker_in_flight", "test", registry=registry).set(3)

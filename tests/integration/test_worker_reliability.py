@@ -396,7 +396,7 @@ def test_reject_publish_nacks_are_raised_by_the_publisher_never_lost(vhost_on: t
 def test_repeated_drains_do_not_spend_the_delivery_limit(
         vhost_on: tuple[Any, str, str], relay: tuple[Relay, int],
         start_worker: Callable[..., RunningWorker]) -> None:
-    broker, vhost, url = vhost_on
+    _broker, _vhost, url = vhost_on
     smtp, port = relay
     smtp.delay = 0.5
     limit = 1  # a job returned (and counted) twice would be dead-lettered as poison
@@ -406,7 +406,7 @@ def test_repeated_drains_do_not_spend_the_delivery_limit(
     for _ in range(3):  # three scale-ins, each while six prefetched jobs wait behind two sends
         before = len(smtp.seen_at_data)
         worker = start_worker(url, port, topology=topology(delivery_limit=limit), prefetch=8, grace_seconds=1.0)
-        wait_until(lambda: len(smtp.seen_at_data) >= before + 2, 20, "two sends under way")
+        wait_until(lambda before=before: len(smtp.seen_at_data) >= before + 2, 20, "two sends under way")
         assert worker.stop() == 0
         handed_back += worker.metric("emailworker_emails_drain_requeued_total")
         assert worker.metric("emailworker_emails_requeued_total") == 0, "a drain nacked (counted) a delivery"

@@ -72,7 +72,7 @@ def test_publish_command_counts_and_rejects_bad_lines(vhost: str, tmp_path: Path
     try:
         channel = connection.channel()
         assert channel.queue_declare("emails", passive=True).method.message_count == 6
-        method, properties, body = channel.basic_get("emails", auto_ack=True)
+        _method, properties, body = channel.basic_get("emails", auto_ack=True)
         assert properties.delivery_mode == 2 and properties.content_type == "application/json"
         assert properties.message_id == json.loads(body)["id"] and properties.timestamp > 0
     finally:
@@ -80,6 +80,5 @@ def test_publish_command_counts_and_rejects_bad_lines(vhost: str, tmp_path: Path
 
 
 def test_publishing_to_a_missing_queue_fails_loudly(vhost: str) -> None:
-    with Publisher(vhost, queue="does-not-exist") as publisher:
-        with pytest.raises(PublishError, match="does not exist"):
-            publisher.publish({"to": "a@example.com", "from": "b@example.com", "text": "x"})
+    with Publisher(vhost, queue="does-not-exist") as publisher, pytest.raises(PublishError, match="does not exist"):
+        publisher.publish({"to": "a@example.com", "from": "b@example.com", "text": "x"})

@@ -44,7 +44,7 @@ def test_keda_scale_up_is_limited_to_max_of_double_and_four_per_sync() -> None:
     incident = load_scenario("incident-2023-09-20")
     series = simulate(incident, baselines.keda_queue_length(incident)).series
     changes = [(t, before, after) for t, before, after in
-               zip(series.t[1:], series.replicas, series.replicas[1:]) if after != before]
+               zip(series.t[1:], series.replicas[:-1], series.replicas[1:], strict=True) if after != before]
     ups = [c for c in changes if c[2] > c[1]]
     assert ups, "the surge must trigger scale-up"
     for t, before, after in ups:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import pytest
@@ -33,7 +33,7 @@ def scenario(**overrides: Any) -> sim.Scenario:
     return scenario_from_mapping(data)
 
 
-@lru_cache(maxsize=None)
+@cache
 def floor_run(name: str) -> SimResult:
     s = load_scenario(name)
     return simulate(s, CausalWaitFloor(s))

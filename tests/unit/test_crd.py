@@ -107,7 +107,8 @@ def test_printer_columns(version: dict[str, Any]) -> None:
             "schedule": [{"name": "n", "cron": "0 8 * * *", "durationSeconds": 60, "rate": 5}],
         },
         # an SLO target: backlogPerReplica must stay unset on both sides
-        {"scaleTargetRef": {"name": "w"}, "broker": {"queue": "q", "amqpSecretRef": {"name": "s", "uriKey": "uri"}}, "target": {"drainSeconds": 60}},
+        {"scaleTargetRef": {"name": "w"}, "broker": {"queue": "q", "amqpSecretRef": {"name": "s", "uriKey": "uri"}},
+         "target": {"drainSeconds": 60}},
     ],
 )
 def test_crd_defaults_equal_parser_defaults(root: dict[str, Any], user_spec: dict[str, Any]) -> None:

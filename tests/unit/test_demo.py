@@ -10,11 +10,19 @@ import math
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from emailqueue_testbed.demo import (
-    QUORUM_STATS_SPEC, Sample, ScaleEvent, SurgePlan, SurgeRun, job_id_from_message_id, percentile, preset,
-    summarize, time_to_drain,
-)
 from emailqueue_operator.sim import load_scenario
+from emailqueue_testbed.demo import (
+    QUORUM_STATS_SPEC,
+    Sample,
+    ScaleEvent,
+    SurgePlan,
+    SurgeRun,
+    job_id_from_message_id,
+    percentile,
+    preset,
+    summarize,
+    time_to_drain,
+)
 
 
 def sample(t: float, backlog: int | None = 0, pods: int = 1, ready: int = 1, desired: int | None = 1,

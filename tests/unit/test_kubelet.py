@@ -8,7 +8,15 @@ from __future__ import annotations
 from hypothesis import given, settings, strategies as st
 
 from emailqueue_testbed.kubelet import (
-    PENDING, READY, STARTING, TERMINATING, PodView, deployment_status, pods_to_create, pods_to_delete, restart_delay,
+    PENDING,
+    READY,
+    STARTING,
+    TERMINATING,
+    PodView,
+    deployment_status,
+    pods_to_create,
+    pods_to_delete,
+    restart_delay,
 )
 
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 from prometheus_client import CollectorRegistry
 
-from emailqueue_operator.leader import (Conflict, ElectionSettings, Elector, LeaseRecord, Leadership)
+from emailqueue_operator.leader import Conflict, ElectionSettings, Elector, Leadership, LeaseRecord
 
 
 class MemoryLease:
@@ -151,7 +151,7 @@ def test_two_candidates_racing_for_an_expired_lease_one_wins() -> None:
     # b and c both read the expired record before either writes
     current = lease.read()
     records = [e.election.next_record(current, clock.now, 0.0) for e in (b, c)]
-    assert all(r is not None and r.holder == e.settings.identity for r, e in zip(records, (b, c)))
+    assert all(r is not None and r.holder == e.settings.identity for r, e in zip(records, (b, c), strict=True))
     b.election.written(lease.write(records[0]), clock.now)
     with pytest.raises(Conflict):
         lease.write(records[1])

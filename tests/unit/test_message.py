@@ -5,20 +5,25 @@ import email
 import email.policy
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from email_worker.message import (
-    KNOWN_FIELDS, EmailJob, InvalidMessage, ParseOptions, build_email, message_id_for, parse_message,
+    KNOWN_FIELDS,
+    EmailJob,
+    InvalidMessage,
+    ParseOptions,
+    build_email,
+    message_id_for,
+    parse_message,
 )
 
 SCHEMA = Path(__file__).resolve().parents[2] / "worker" / "email_worker" / "message.schema.json"
-NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
 @dataclass
@@ -203,7 +208,7 @@ def test_accepted_jobs_render_without_extra_headers(subject: str, header: str) -
     except InvalidMessage:
         return
     msg = render(job)
-    assert sorted(k.lower() for k in msg.keys()) == sorted(
+    assert sorted(k.lower() for k in msg) == sorted(
         ["message-id", "date", "from", "to", "subject", "x-note", "mime-version", "content-type",
          "content-transfer-encoding"])
 

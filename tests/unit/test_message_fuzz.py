@@ -13,18 +13,17 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from email_worker.message import InvalidMessage, ParseOptions, build_email, parse_message
 
 from .test_message import Props
 
-NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 BASE_HEADERS = {"message-id", "date", "from", "to", "subject", "mime-version", "content-type",
                 "content-transfer-encoding", "cc", "reply-to"}
@@ -70,7 +69,7 @@ def test_header_injection_never_adds_a_header(name: str, value: str, subject: st
     parsed_job, msg = result
     # Exactly the base headers plus the custom ones the job carried: nothing smuggled in.
     expected = BASE_HEADERS | {k.lower() for k, _ in parsed_job.headers}
-    assert {k.lower() for k in msg.keys()} <= expected
+    assert {k.lower() for k in msg} <= expected
     assert len(msg.get_all("To") or []) == 1 and len(msg.get_all("Subject") or []) == 1
     assert msg.get_all("Bcc") is None
 

@@ -23,8 +23,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from emailqueue_operator import planner
 from emailqueue_operator.planner import METRICS_SOURCES, PlanError, PlanInput, recommend
@@ -170,7 +169,7 @@ def test_the_cli_exits_0_with_a_manifest_or_2_with_one_error_line(inputs: PlanIn
     values = [inputs.peak_rate, inputs.base_rate, inputs.rate_per_replica, inputs.startup_seconds,
               inputs.max_send_rate, inputs.surge_seconds]
     # `--flag=value`: argparse takes a bare "-1e-05" for an option name.
-    args = [f"{flag}={_flag_value(value)}" for flag, value in zip(FLAGS, values) if value is not None]
+    args = [f"{flag}={_flag_value(value)}" for flag, value in zip(FLAGS, values, strict=True) if value is not None]
     slo = ("--drain-seconds", inputs.drain_seconds) if inputs.drain_seconds is not None else (
         "--max-age-seconds", inputs.max_age_seconds)
     args += [f"{slo[0]}={_flag_value(slo[1])}", f"--metrics-source={inputs.metrics_source}", "--no-simulate"]

@@ -8,9 +8,18 @@ import pytest
 import requests
 import requests.adapters
 
-from emailqueue_operator.rabbitmq import (AmqpEndpoint, BrokerError, ManagementEndpoint, ManagementProbe,
-                                          MetricsUnavailable, QueueNotFound, _Backoff, aggregate, combine_counts,
-                                          stats_from_management)
+from emailqueue_operator.rabbitmq import (
+    AmqpEndpoint,
+    BrokerError,
+    ManagementEndpoint,
+    ManagementProbe,
+    MetricsUnavailable,
+    QueueNotFound,
+    _Backoff,
+    aggregate,
+    combine_counts,
+    stats_from_management,
+)
 
 
 @pytest.mark.parametrize("uri, host, port, vhost, user, password", [
@@ -122,8 +131,8 @@ def test_counts_that_are_not_measurements_are_blind_never_zero(queue, why):
 
 
 def test_missing_consumers_is_unknown_not_zero():
-    stats = stats_from_management([{"name": "q", "state": "running", "messages_ready": 4, "messages_unacknowledged": 1}],
-                                  "sum", now=0.0)
+    stats = stats_from_management(
+        [{"name": "q", "state": "running", "messages_ready": 4, "messages_unacknowledged": 1}], "sum", now=0.0)
     assert stats.consumers is None and stats.ready == 4 and stats.unacked == 1
 
 

@@ -11,9 +11,20 @@ import requests.adapters
 
 from emailqueue_operator.rabbitmq import BrokerAuthError, BrokerError, QueueNotFound, TlsOptions
 from emailqueue_operator.rabbitmq_prometheus import (
-    PER_CHANNEL_COUNTERS, PER_QUEUE_COUNTERS, CounterAccumulator, MetricsMissing, PrometheusEndpoint,
-    PrometheusProbe, QueueMetrics, Scrape, ScrapeUnparseable, parse_scrape, select_queues, series_increase,
-    stats_from_scrape)
+    PER_CHANNEL_COUNTERS,
+    PER_QUEUE_COUNTERS,
+    CounterAccumulator,
+    MetricsMissing,
+    PrometheusEndpoint,
+    PrometheusProbe,
+    QueueMetrics,
+    Scrape,
+    ScrapeUnparseable,
+    parse_scrape,
+    select_queues,
+    series_increase,
+    stats_from_scrape,
+)
 
 DATA = Path(__file__).parent / "data" / "prometheus"
 SECRET = "pr0m-s3cr3t/:@%"
@@ -87,7 +98,7 @@ rabbitmq_detailed_channel_messages_acked_total{channel="<0.2.0>",vhost="v",queue
 rabbitmq_detailed_queue_messages_published_total{channel="<0.4.0>",queue_vhost="v",queue="emails",exchange_vhost="v",exchange=""} 20
 rabbitmq_detailed_queue_messages_published_total{channel="<0.4.0>",queue_vhost="v",queue="emails",exchange_vhost="v",exchange="mail"} 3
 rabbitmq_detailed_queue_messages_published_total{channel="<0.5.0>",queue_vhost="w",queue="emails",exchange_vhost="w",exchange=""} 50
-"""
+"""  # noqa: E501 (exposition lines as RabbitMQ writes them)
 
 SCRAPE_4X = SCRAPE_310 + """\
 # TYPE rabbitmq_detailed_queue_get_ack_total counter

@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from emailqueue_operator.rates import counter_increase, counter_rate, counter_rate_window
 
@@ -59,5 +58,5 @@ def test_a_linear_counter_reads_its_slope_even_across_a_reset(rate: float, poll:
     # The counter restarts from 0 at the reset_at-th sample (just after the sample before it).
     values = [offset + rate * t if k < reset_at else rate * (t - times[reset_at - 1])
               for k, t in enumerate(times)]
-    got = counter_rate(list(zip(times, values)), times[-1], window)
+    got = counter_rate(list(zip(times, values, strict=True)), times[-1], window)
     assert got == pytest.approx(rate, rel=1e-6, abs=1e-6)

@@ -74,7 +74,7 @@ def test_only_the_leader_polls_and_a_new_leader_resumes_from_the_status(monkeypa
     policy state the previous leader wrote to the status; it stops leading at once when
     the election says so, and stops for good when its EmailQueue turns out to be gone."""
     from emailqueue_operator import handlers, kube
-    from emailqueue_operator.leader import ElectionSettings, Election, Leadership
+    from emailqueue_operator.leader import Election, ElectionSettings, Leadership
     from emailqueue_operator.poller import PollResult
     from emailqueue_operator.scaling import PolicyState
 

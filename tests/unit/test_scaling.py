@@ -4,6 +4,7 @@ fallback and downstream saturation. Table-driven; each case says what a user rel
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import UTC
 from typing import Any
 
 import pytest
@@ -226,9 +227,9 @@ def test_schedule_prescales_before_a_campaign() -> None:
 
 
 def _rfc3339(epoch: float) -> str:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat()
+    return datetime.fromtimestamp(epoch, tz=UTC).isoformat()
 
 
 # --------------------------------------------------------------------------- zero handling
@@ -566,7 +567,7 @@ def test_more_acks_from_more_replicas_is_not_saturation() -> None:
         (obs(20_000, publish=300.0, ack=52.0, current=12), False),  # still flat
     ],
 )
-def test_saturation_clears(observation: Observation, cleared: bool) -> None:  # noqa: D103
+def test_saturation_clears(observation: Observation, cleared: bool) -> None:
     saturated = _saturation_run(ack_at_12=51.0)[3]
     spec = make_spec(target={"ratePerReplica": 6.25, "drainSeconds": 60}, replicas={"min": 1, "max": 60})
     decision = decide(spec, observation, saturated.state, NOW + 80)
@@ -682,7 +683,8 @@ def test_rateless_waiting_messages_never_shrink_the_fleet() -> None:
 
 def test_sources_with_rates_scale_down_on_measured_demand() -> None:
     spec = make_spec(**AMQP_SLO)
-    decision = decide(spec, obs(0, current=20, consumers=20, publish=50.0, ack=50.0), PolicyState(last_active_at=NOW), NOW)
+    decision = decide(spec, obs(0, current=20, consumers=20, publish=50.0, ack=50.0),
+                      PolicyState(last_active_at=NOW), NOW)
     assert decision.replicas == 5  # 50/s at 10/s per replica
     assert "keepUp" not in decision.terms
 

@@ -15,8 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from emailqueue_operator.scaling import Observation, PolicyState, decide
 from emailqueue_operator.spec import EmailQueueSpec, default_spec
@@ -46,7 +45,8 @@ def specs(draw: st.DrawFn, *, fixed_rate: bool = False) -> EmailQueueSpec:
         target["maxSendRate"] = draw(st.floats(1, 1000))
     target["startupSeconds"] = draw(st.floats(0, 120))
     policy = st.fixed_dictionaries(
-        {"type": st.sampled_from(["Pods", "Percent"]), "value": st.integers(1, 200), "periodSeconds": st.integers(1, 120)}
+        {"type": st.sampled_from(["Pods", "Percent"]), "value": st.integers(1, 200),
+         "periodSeconds": st.integers(1, 120)}
     )
     behavior = {
         "tolerance": draw(st.sampled_from([0.0, 0.1, 0.25])),
@@ -139,7 +139,7 @@ def test_no_scale_down_inside_the_window_after_a_higher_recommendation(
     at = NOW - window * window_fraction * 0.999
     if window == 0:
         return
-    state = PolicyState(**{**state.__dict__, "recommendations": state.recommendations + ((at, high),)})
+    state = PolicyState(**{**state.__dict__, "recommendations": (*state.recommendations, (at, high))})
     state = PolicyState(**{**state.__dict__, "recommendations": tuple(sorted(state.recommendations))})
     decision = decide(spec, obs, state, NOW)
     floor = min(obs.current_replicas, high, spec.replicas.max)
@@ -203,8 +203,10 @@ def test_pruned_history_matches_hpa_full_history_stabilization(
         target={"backlogPerReplica": 1},
         behavior={
             "tolerance": 0,
-            "scaleUp": {"stabilizationSeconds": up_window, "policies": [{"type": "Pods", "value": 100_000, "periodSeconds": 1}]},
-            "scaleDown": {"stabilizationSeconds": down_window, "policies": [{"type": "Percent", "value": 100, "periodSeconds": 1}]},
+            "scaleUp": {"stabilizationSeconds": up_window,
+                        "policies": [{"type": "Pods", "value": 100_000, "periodSeconds": 1}]},
+            "scaleDown": {"stabilizationSeconds": down_window,
+                          "policies": [{"type": "Percent", "value": 100, "periodSeconds": 1}]},
         },
     )
     state = PolicyState(last_active_at=NOW)
@@ -218,7 +220,8 @@ def test_pruned_history_matches_hpa_full_history_stabilization(
         up = min([desired] + [r for t, r in history if t > now - up_window])
         down = max([desired] + [r for t, r in history if t > now - down_window])
         expected = max(1, min(max(current, up), down))
-        decision = decide(spec, Observation(True, None, backlog, None, None, None, None, None, current, current), state, now)
+        observation = Observation(True, None, backlog, None, None, None, None, None, current, current)
+        decision = decide(spec, observation, state, now)
         assert decision.replicas == expected
         history.append((now, desired))
         state, current = decision.state, decision.replicas

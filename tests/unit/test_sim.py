@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from emailqueue_operator import sim
 from emailqueue_operator.baselines import IdealReactive, KedaExpectedConsumptionTime, StaticFleet, keda_queue_length

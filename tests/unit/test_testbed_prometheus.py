@@ -7,8 +7,17 @@ import pytest
 import yaml
 
 from emailqueue_testbed.alerting import alert_report, first_breach_in_series, first_slo_breach, runbook_section
-from emailqueue_testbed.prometheus import (DASHBOARD_FILE, RULES_FILE, AlertSpan, alert_timeline, compress_rules,
-                                           format_duration, panel_queries, parse_duration, runbook_urls)
+from emailqueue_testbed.prometheus import (
+    DASHBOARD_FILE,
+    RULES_FILE,
+    AlertSpan,
+    alert_timeline,
+    compress_rules,
+    format_duration,
+    panel_queries,
+    parse_duration,
+    runbook_urls,
+)
 from emailqueue_testbed.state import REPO
 
 SHIPPED = yaml.safe_load(RULES_FILE.read_text())
@@ -44,8 +53,8 @@ def test_compression_scales_for_and_windows_and_keeps_the_rest():
     dead = _rule(compressed, "EmailDeadLetterGrowing")
     assert "[40s]" in dead["expr"]
     # Thresholds, labels, annotations as shipped.
-    for group, shipped_group in zip(compressed["groups"], SHIPPED["groups"]):
-        for rule, shipped in zip(group["rules"], shipped_group["rules"]):
+    for group, shipped_group in zip(compressed["groups"], SHIPPED["groups"], strict=True):
+        for rule, shipped in zip(group["rules"], shipped_group["rules"], strict=True):
             assert rule["labels"] == shipped["labels"] and rule["annotations"] == shipped["annotations"]
             assert rule["expr"].replace(" ", "").count(">") == str(shipped["expr"]).replace(" ", "").count(">")
 
@@ -68,7 +77,8 @@ def test_compression_factor_is_checked():
 
 
 def _alerts(alertname, state, times, severity="warning", **labels):
-    return {"metric": {"__name__": "ALERTS", "alertname": alertname, "alertstate": state, "severity": severity, **labels},
+    return {"metric": {"__name__": "ALERTS", "alertname": alertname, "alertstate": state, "severity": severity,
+                       **labels},
             "values": [[t, "1"] for t in times]}
 
 
@@ -88,7 +98,8 @@ def test_timeline_splits_two_activations_and_keeps_one_still_firing():
 
 
 def test_timeline_orders_instances_by_first_activity_and_keeps_them_apart():
-    series = [_alerts("B", "pending", [20]), _alerts("A", "pending", [5], name="x"), _alerts("A", "pending", [7], name="y")]
+    series = [_alerts("B", "pending", [20]), _alerts("A", "pending", [5], name="x"),
+              _alerts("A", "pending", [7], name="y")]
     spans = alert_timeline(series, origin=0, step=1, end=30)
     assert [(s.alertname, s.labels.get("name")) for s in spans] == [("A", "x"), ("A", "y"), ("B", None)]
 

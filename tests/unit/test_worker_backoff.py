@@ -4,9 +4,9 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, strategies as st
+
 from email_worker.backoff import Backoff, backoff_delay
-from hypothesis import given
-from hypothesis import strategies as st
 
 
 @pytest.mark.parametrize("failures, expected", [

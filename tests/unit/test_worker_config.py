@@ -13,8 +13,8 @@ import pytest
 from email_worker.cli import build_parser, main, worker_config
 from email_worker.logs import JsonFormatter, redact_text, redact_url
 from email_worker.metrics import Health, WorkerMetrics, serve_http
-from email_worker.topology import Topology
 from email_worker.routing import RetryPolicy, RetryTier
+from email_worker.topology import Topology
 
 from ..exposition import sample_values, series_names
 

@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import smtplib
-import socket
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from email_worker.routing import (
-    DEAD_EXHAUSTED, DEAD_REJECTED, RetryPolicy, RetryTier, SmtpSessionError, classify_failure, parse_tiers,
+    DEAD_EXHAUSTED,
+    DEAD_REJECTED,
+    RetryPolicy,
+    RetryTier,
+    SmtpSessionError,
+    classify_failure,
+    parse_tiers,
     route_failure,
 )
 
@@ -31,7 +35,7 @@ POLICY = RetryPolicy(tiers=(RetryTier(10), RetryTier(60), RetryTier(600)), max_r
     (smtplib.SMTPRecipientsRefused({"a@b.c": (550, b"no"), "d@e.f": (450, b"busy")}), "temporary"),
     (smtplib.SMTPServerDisconnected("gone"), "temporary"),
     (ConnectionRefusedError(111, "refused"), "temporary"),
-    (socket.timeout("timed out"), "temporary"),
+    (TimeoutError("timed out"), "temporary"),
     # Our own credentials or HELO being refused is never the message's fault: do not dead-letter.
     (smtplib.SMTPAuthenticationError(535, b"bad credentials"), "sender"),
     (smtplib.SMTPHeloError(501, b"bad helo"), "sender"),

@@ -13,7 +13,7 @@ import pytest
 
 from email_worker.message import parse_message
 from email_worker.routing import SmtpSessionError
-from email_worker.worker import _Delivery, _Failed, _NotStarted, _Sent, Worker, WorkerConfig
+from email_worker.worker import Worker, WorkerConfig, _Delivery, _Failed, _NotStarted, _Sent
 
 
 @dataclass

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, TextIO
+from typing import Any, TextIO, overload
 
 from email_worker.logs import redact_url, setup_logging
 from email_worker.message import DEFAULT_MAX_BODY_BYTES, InvalidMessage, ParseOptions
@@ -30,6 +30,10 @@ class ConfigError(ValueError):
     pass
 
 
+@overload
+def _env(env: Mapping[str, str], name: str, default: str) -> str: ...
+@overload
+def _env(env: Mapping[str, str], name: str, default: None = None) -> str | None: ...
 def _env(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
     value = env.get(name)
     return value if value not in (None, "") else default
@@ -163,7 +167,8 @@ def worker_config(args: argparse.Namespace, env: Mapping[str, str]) -> Any:
     try:
         return WorkerConfig(
             amqp_url=_amqp_url(args, env), smtp=smtp, topology=_topology(args), concurrency=args.concurrency,
-            prefetch=args.prefetch or None, rate_limit=args.rate_limit, rate_burst=args.rate_burst, metrics_host=args.metrics_host,
+            prefetch=args.prefetch or None, rate_limit=args.rate_limit, rate_burst=args.rate_burst,
+            metrics_host=args.metrics_host,
             metrics_port=None if args.metrics_port < 0 else args.metrics_port, grace_seconds=args.grace_seconds,
             heartbeat_seconds=args.heartbeat_seconds, declare_topology=not args.no_declare,
             circuit_initial_seconds=args.circuit_initial_seconds, circuit_max_seconds=args.circuit_max_seconds,
@@ -218,7 +223,7 @@ def cmd_publish(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     topology = _topology(args)
     errors: list[str] = []
     published = 0
-    stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
+    stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115 (closed below, stdin never)
     try:
         with Publisher(_amqp_url(args, env), queue=topology.work_queue, validate=not args.no_validate,
                        declare_topology=topology if args.declare else None) as publisher:

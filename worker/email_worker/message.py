@@ -208,9 +208,9 @@ def build_email(job: EmailJob, *, message_id_domain: str, date: datetime) -> Mes
         msg["Cc"] = _address_header(job.cc)
     if job.reply_to:
         msg["Reply-To"] = _address_header(job.reply_to)
-    msg["Subject"] = _text_header(job.subject)
+    _set_text_header(msg, "Subject", job.subject)
     for name, value in job.headers:
-        msg[name] = _text_header(value)
+        _set_text_header(msg, name, value)
     return msg
 
 
@@ -218,8 +218,14 @@ def _address_header(addresses: tuple[str, ...]) -> str:
     return ", ".join(formataddr(split_address(a), charset="utf-8") for a in addresses)
 
 
-def _text_header(value: str) -> str | Header:
-    return value if value.isascii() else Header(value, "utf-8")
+def _set_text_header(msg: Message, name: str, value: str) -> None:
+    """ASCII as is; anything else as a compat32 Header, which the generator writes as encoded words."""
+    if value.isascii():
+        msg[name] = value
+    else:
+        # compat32 messages take Header values (that is what Header is for); typeshed types the MIME
+        # classes as Message[str, str], so the assignment needs this one targeted ignore.
+        msg[name] = Header(value, "utf-8")  # type: ignore[assignment]
 
 
 def message_id_for(job_id: str, domain: str) -> str:

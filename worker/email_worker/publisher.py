@@ -20,7 +20,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
@@ -99,7 +99,7 @@ class Publisher:
     def _prepare(self, job: Mapping[str, Any]) -> tuple[bytes, pika.BasicProperties, str]:
         document = dict(job)
         document.setdefault("id", uuid.uuid4().hex)
-        document.setdefault("created_at", datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
+        document.setdefault("created_at", datetime.now(UTC).isoformat(timespec="milliseconds"))
         body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         properties = pika.BasicProperties(
             content_type=CONTENT_TYPE, delivery_mode=pika.DeliveryMode.Persistent,

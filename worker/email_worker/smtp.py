@@ -14,7 +14,7 @@ import smtplib
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.message import Message
 from typing import Literal
 
@@ -74,7 +74,7 @@ class SmtpSender:
         ({address: (code, reply)}), usually empty; those did not get the email.
         """
         message = build_email(job, message_id_domain=self.config.message_id_domain,
-                              date=datetime.now(timezone.utc))
+                              date=datetime.now(UTC))
         reused = self._smtp is not None
         try:
             return self._transaction(job, message)

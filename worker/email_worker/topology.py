@@ -179,7 +179,8 @@ def declare(channel: Any, topology: Topology) -> Declared:
     return Declared(legacy_work_queue=legacy, legacy_retry_queues=draining, deleted_legacy_queues=deleted)
 
 
-def _retire_legacy_tiers(state: dict[str, Any], fresh: Any, topology: Topology) -> tuple[dict[str, int], tuple[str, ...]]:
+def _retire_legacy_tiers(state: dict[str, Any], fresh: Any,
+                         topology: Topology) -> tuple[dict[str, int], tuple[str, ...]]:
     """Delete v0.1's classic retry tiers once empty; report the ones still draining.
 
     They keep their TTL → DLX → work queue route, so their messages come back on their

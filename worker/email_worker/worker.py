@@ -39,7 +39,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pika
@@ -50,7 +50,13 @@ from email_worker.backoff import backoff_delay
 from email_worker.circuit import CircuitBreaker
 from email_worker.logs import redact_text, redact_url
 from email_worker.message import (
-    ATTEMPTS_HEADER, DEFAULT_OPTIONS, ENVELOPE_HEADER, EmailJob, InvalidMessage, ParseOptions, parse_message,
+    ATTEMPTS_HEADER,
+    DEFAULT_OPTIONS,
+    ENVELOPE_HEADER,
+    EmailJob,
+    InvalidMessage,
+    ParseOptions,
+    parse_message,
 )
 from email_worker.metrics import Health, WorkerMetrics, serve_http
 from email_worker.ratelimit import TokenBucket
@@ -557,7 +563,7 @@ class Worker:
         headers = dict(delivery.properties.headers or {})
         headers[DEATH_REASON_HEADER] = reason
         headers[DEATH_DETAIL_HEADER] = redact_text(detail)
-        headers["x-dead-lettered-at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        headers["x-dead-lettered-at"] = datetime.now(UTC).isoformat(timespec="seconds")
         headers["x-original-queue"] = self.config.topology.work_queue
         if attempts is not None:
             headers[ATTEMPTS_HEADER] = attempts
