@@ -14,14 +14,33 @@ help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^##@/ {printf "\n%s\n", substr($$0, 5)} /^[a-zA-Z_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 ##@ Setup
-$(VENV)/.stamp: pyproject.toml
+# Three distributions (worker/, operator/, testbed/), each with its own pyproject.toml; exact
+# versions with hashes in requirements/*.lock, made from requirements/*.in by `make lock`.
+PACKAGES := worker/pyproject.toml operator/pyproject.toml testbed/pyproject.toml
+LOCKS    := $(patsubst %.in,%.lock,$(wildcard requirements/*.in))
+# `make lock LOCK_FLAGS=--upgrade` (or --upgrade-package NAME) moves versions; plain `make lock`
+# keeps every pin the lock has and only adds or drops what the inputs changed.
+LOCK_FLAGS ?=
+UV_COMPILE = $(VENV)/bin/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+	--custom-compile-command 'make lock' --no-emit-package email-worker \
+	--no-emit-package emailqueue-operator --no-emit-package emailqueue-testbed $(LOCK_FLAGS)
+
+$(VENV)/.stamp: requirements/dev.lock $(PACKAGES)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --require-hashes -r requirements/dev.lock
+	@# operator first: it replaces the single pre-0.2 distribution of that name, whose uninstall
+	@# would also delete the email-worker and emailqueue-testbed scripts installed before it.
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e operator
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e worker -e testbed
+	$(PY) -m pip check
 	touch $@
 
 .PHONY: venv
-venv: $(VENV)/.stamp ## create .venv with the project and its test tools (pinned)
+venv: $(VENV)/.stamp ## create .venv from requirements/dev.lock (hashes) with the three packages editable
+
+.PHONY: lock
+lock: $(VENV)/.stamp ## regenerate requirements/*.lock (exact versions, hashes) from requirements/*.in and the pyproject.toml files
+	@for lock in $(LOCKS); do echo "$$lock"; $(UV_COMPILE) $${lock%.lock}.in -o $$lock || exit 1; done
 
 .PHONY: deps
 deps: ## install system packages the test bed needs (rabbitmq-server), if missing
@@ -80,9 +99,11 @@ manifests: venv ## regenerate the PrometheusRule, the chart's copies of the CRD,
 	$(PY) charts/emailqueue-operator/readme.py
 
 .PHONY: images
-images: ## docker build both images (needs a Docker engine)
-	docker build -f operator/Dockerfile -t emailqueue-operator:0.2.0 .
-	docker build -f worker/Dockerfile -t email-worker:0.2.0 .
+images: VERSION  = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' operator/emailqueue_operator/__init__.py)
+images: REVISION = $(shell git rev-parse HEAD)
+images: ## docker build both images from requirements/*.lock (needs a Docker engine)
+	docker build -f operator/Dockerfile --build-arg VERSION=$(VERSION) --build-arg REVISION=$(REVISION) -t emailqueue-operator:$(VERSION) .
+	docker build -f worker/Dockerfile --build-arg VERSION=$(VERSION) --build-arg REVISION=$(REVISION) -t email-worker:$(VERSION) .
 
 .PHONY: e2e-kind
 e2e-kind: venv ## needs Docker: build images, kind cluster, helm install, pytest -m kind
