@@ -17,13 +17,15 @@ import ssl
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import pika
 import pika.exceptions
 import requests
 import requests.adapters
+
 from email_worker.backoff import Backoff
 
 AMQP_DEFAULT_PORT = 5672
@@ -77,7 +79,7 @@ class AmqpEndpoint:
         return f"{self.host}:{self.port}/{self.vhost}"
 
     @classmethod
-    def from_uri(cls, uri: str, tls: TlsOptions | None = None) -> "AmqpEndpoint":
+    def from_uri(cls, uri: str, tls: TlsOptions | None = None) -> AmqpEndpoint:
         """Parse amqp[s]://user:pass@host:port/vhost (user and password percent-encoded)."""
         try:
             parts = urllib.parse.urlsplit(uri.strip())
@@ -231,7 +233,8 @@ class MetricsUnavailable(BrokerError):
 LIVE_QUEUE_STATES = frozenset({"running", "flow", "idle", "live"})
 
 
-def stats_from_management(queues: list[Mapping[str, Any]], how: str, now: float, with_rates: bool = True) -> QueueStats:
+def stats_from_management(queues: Sequence[Mapping[str, Any]], how: str, now: float,
+                          with_rates: bool = True) -> QueueStats:
     """Aggregate management-API queue objects into one QueueStats (pure).
 
     ``with_rates`` False: the objects are queue totals of a broker without its metrics
@@ -274,7 +277,8 @@ def stats_from_management(queues: list[Mapping[str, Any]], how: str, now: float,
                                  for q in queues), how),
         publish_rate=rate("publish"), ack_rate=rate("ack"), deliver_rate=rate("deliver_get"),
         oldest_age_seconds=aggregate(ages, "max") if with_rates else None,
-        queues=tuple(sorted(str(q.get("name")) for q in queues)), source="management" if with_rates else "management-totals")
+        queues=tuple(sorted(str(q.get("name")) for q in queues)),
+        source="management" if with_rates else "management-totals")
 
 
 def _is_count(value: Any) -> bool:
@@ -288,21 +292,22 @@ class TlsAdapter(requests.adapters.HTTPAdapter):
         self._tls = tls
         super().__init__()
 
-    def init_poolmanager(self, *args, **kwargs) -> None:  # type: ignore[override]
-        kwargs["ssl_context"] = self._tls.context()
+    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
+        pool_kwargs["ssl_context"] = self._tls.context()
         if self._tls.server_name:
-            kwargs["server_hostname"] = self._tls.server_name
-        super().init_poolmanager(*args, **kwargs)
+            pool_kwargs["server_hostname"] = self._tls.server_name
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
 
-    def cert_verify(self, conn, url, verify, cert) -> None:  # type: ignore[override]
-        super().cert_verify(conn, url, verify, cert)
+    def cert_verify(self, conn: Any, url: str, verify: bool | str, cert: str | tuple[str, str] | None) -> None:
+        # types-requests leaves HTTPAdapter.cert_verify unannotated.
+        super().cert_verify(conn, url, verify, cert)  # type: ignore[no-untyped-call]
         if self._tls.ca_pem and not self._tls.insecure_skip_verify:
             # Trust exactly the CA given, not also the bundle requests would load into the context.
             conn.ca_certs = conn.ca_cert_dir = None
 
 
 
-def http_get(session: requests.Session, backoff: "_Backoff", what: str, url: str, *,
+def http_get(session: requests.Session, backoff: _Backoff, what: str, url: str, *,
              not_found: Callable[[], BrokerError] | None = None, **kwargs: Any) -> requests.Response:
     """GET for a probe of an HTTP endpoint (`what` names it in errors, never with credentials).
 
@@ -354,7 +359,7 @@ class AmqpProbe:
         self.timeout = timeout
         self._lock = threading.Lock()
         self._connection: pika.BlockingConnection | None = None
-        self._channel = None
+        self._channel: Any | None = None  # a pika BlockingChannel (pika ships no types)
         self._backoff = _Backoff()
         self.connects = 0  # how many connections were opened (for tests and benchmarks)
 
@@ -371,15 +376,17 @@ class AmqpProbe:
             socket_timeout=self.timeout, stack_timeout=self.timeout * 2, connection_attempts=1,
             client_properties={"connection_name": "emailqueue-operator"})
 
-    def _connect(self) -> None:
+    def _connect(self) -> Any:
+        """A new connection (and channel), or BrokerError; returns the connection."""
         self._backoff.check(self.endpoint.display)
         try:
-            self._connection = pika.BlockingConnection(self._parameters())
-            self._channel = self._connection.channel()
+            connection = self._connection = pika.BlockingConnection(self._parameters())
+            self._channel = connection.channel()
             self.connects += 1
         except pika.exceptions.ProbableAuthenticationError:
             self._backoff.failed("authentication failed")
-            raise BrokerAuthError(f"broker {self.endpoint.display}: authentication failed for the configured user") from None
+            raise BrokerAuthError(
+                f"broker {self.endpoint.display}: authentication failed for the configured user") from None
         except pika.exceptions.ProbableAccessDeniedError:
             self._backoff.failed("access denied")
             raise BrokerAuthError(f"broker {self.endpoint.display}: access to the vhost denied") from None
@@ -387,6 +394,7 @@ class AmqpProbe:
             self._backoff.failed(type(exc).__name__)
             raise BrokerError(f"broker {self.endpoint.display} unreachable ({type(exc).__name__})") from None
         self._backoff.succeeded()
+        return connection
 
     def _reset(self) -> None:
         try:
@@ -399,13 +407,15 @@ class AmqpProbe:
     def queue_depth(self, queue: str) -> QueueStats:
         with self._lock:
             for attempt in (1, 2):  # a stale connection gets one fresh retry
-                if self._connection is None or not self._connection.is_open:
+                connection = self._connection
+                if connection is None or not connection.is_open:
                     self._reset()
-                    self._connect()
+                    connection = self._connect()
                 try:
-                    if self._channel is None or not self._channel.is_open:
-                        self._channel = self._connection.channel()
-                    ok = self._channel.queue_declare(queue, passive=True)
+                    channel = self._channel
+                    if channel is None or not channel.is_open:
+                        channel = self._channel = connection.channel()
+                    ok = channel.queue_declare(queue, passive=True)
                     return QueueStats(ready=ok.method.message_count, unacked=None,
                                       consumers=ok.method.consumer_count, publish_rate=None, ack_rate=None,
                                       deliver_rate=None, oldest_age_seconds=None, queues=(queue,), source="amqp")
@@ -418,7 +428,8 @@ class AmqpProbe:
                     self._reset()
                     if attempt == 2:
                         self._backoff.failed(type(exc).__name__)
-                        raise BrokerError(f"broker {self.endpoint.display} connection lost ({type(exc).__name__})") from None
+                        raise BrokerError(
+                            f"broker {self.endpoint.display} connection lost ({type(exc).__name__})") from None
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -543,6 +554,8 @@ class ManagementProbe:
 # --- the pool: one probe per endpoint ------------------------------------------------
 
 _Probe = TypeVar("_Probe", covariant=True)
+_Endpoint = TypeVar("_Endpoint")
+_Made = TypeVar("_Made")
 
 
 class OpensProbe(Protocol[_Probe]):
@@ -569,7 +582,7 @@ class BrokerPool:
         self._used: dict[tuple[str, Any], float] = {}
         self._swept_at = clock()
 
-    def _get(self, kind: str, endpoint: Any, factory: Callable[[Any], Any]) -> Any:
+    def _get(self, kind: str, endpoint: _Endpoint, factory: Callable[[_Endpoint], _Made]) -> _Made:
         with self._lock:
             now = self.clock()
             table = self._probes[kind]
@@ -579,7 +592,8 @@ class BrokerPool:
             self._used[(kind, endpoint)] = now
             if now - self._swept_at >= min(60.0, self.idle_seconds):
                 self._sweep(now)
-            return probe
+            # A kind's table holds only what that kind's factory made.
+            return cast(_Made, probe)
 
     def _sweep(self, now: float) -> None:
         """Close the probes nobody asked for within ``idle_seconds`` (called with the lock)."""
@@ -599,8 +613,7 @@ class BrokerPool:
 
     def prometheus(self, endpoint: OpensProbe[_Probe]) -> _Probe:
         """The shared probe of one Prometheus plugin endpoint (a rabbitmq_prometheus.PrometheusEndpoint)."""
-        probe: _Probe = self._get("prometheus", endpoint, lambda opener: opener.open_probe())
-        return probe
+        return self._get("prometheus", endpoint, lambda opener: opener.open_probe())
 
     def open_connections(self) -> int:
         with self._lock:

@@ -39,15 +39,27 @@ import threading
 import time
 import urllib.parse
 from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
 
 import requests
 import requests.adapters
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from .rabbitmq import (BrokerError, QueueNotFound, QueueStats, TlsOptions, _Backoff, aggregate,
-                       TlsAdapter, combine_count, combine_counts, http_get, select_queues)
+from .rabbitmq import (
+    BrokerError,
+    QueueNotFound,
+    QueueStats,
+    TlsAdapter,
+    TlsOptions,
+    _Backoff,
+    aggregate,
+    combine_count,
+    combine_counts,
+    http_get,
+    select_queues,
+)
 from .rates import counter_rate
 
 PROMETHEUS_DEFAULT_PORT = 15692
@@ -185,7 +197,7 @@ class Scrape:
         return all(self.counter_families.get(kind) == PER_QUEUE_COUNTERS[kind].family for kind in COUNTER_KINDS)
 
 
-def _declared(families: Iterable) -> set[str]:
+def _declared(families: Iterable[Metric]) -> set[str]:
     """Sample names the scrape declares (a `# TYPE` line), with or without samples:
     the plugin declares a family it knows even when nothing in it has a value yet."""
     names: set[str] = set()
@@ -269,7 +281,7 @@ def series_increase(previous: Mapping[SeriesKey, float], current: Mapping[Series
 class _Track:
     family: str
     last: Mapping[SeriesKey, float]
-    history: deque  # (t, accumulated increase since the track began), ascending t
+    history: deque[tuple[float, float]]  # (t, accumulated increase since the track began), ascending t
 
 
 class CounterAccumulator:
@@ -323,7 +335,7 @@ def stats_from_scrape(scrape: Scrape, accumulator: CounterAccumulator, vhost: st
         per_queue.append(metrics)
 
     def count(value: float | None) -> int:
-        return int(math.ceil(value or 0.0))  # gauges are whole counts carried as floats
+        return math.ceil(value or 0.0)  # gauges are whole counts carried as floats
 
     def rate(kind: str) -> float | None:
         rates = [accumulator.rate(vhost, name, kind, now, window) for name in names]
