@@ -165,7 +165,8 @@ def test_full_spec_parses_into_typed_values() -> None:
         (with_(schedule=[{"name": "a", "cron": "0 8 * * *", "rate": 1}]),
          ["spec.schedule[0]: a recurring schedule window needs both cron and durationSeconds"]),
         (
-            with_(schedule=[{"name": "a", "cron": "0 8 * * *", "durationSeconds": 60, "start": "2026-01-01T00:00:00Z", "rate": 1}]),
+            with_(schedule=[{"name": "a", "cron": "0 8 * * *", "durationSeconds": 60,
+                             "start": "2026-01-01T00:00:00Z", "rate": 1}]),
             ["spec.schedule[0]: set either start and end, or cron and durationSeconds"],
         ),
         (
