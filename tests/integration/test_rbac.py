@@ -23,6 +23,12 @@ pytestmark = pytest.mark.integration
 Helm = Callable[..., subprocess.CompletedProcess[str]]
 
 
+@pytest.fixture(autouse=True)
+def _emailqueue_crd(crds: None) -> None:
+    """`kubectl auth can-i` answers no for a resource discovery does not know: the EmailQueue CRD must
+    be there (installs here set crds.install=false), not only when an earlier test applied it."""
+
+
 @pytest.fixture
 def other_namespace(kube_env: Any) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:10]}"
