@@ -33,11 +33,6 @@ def _render_module():
 render = _render_module()
 
 
-def _load(relative: str) -> dict[str, Any]:
-    text = (DEPLOY / relative).read_text(encoding="utf-8")
-    return yaml.safe_load(text)
-
-
 def _kustomization_files(folder: str) -> list[Path]:
     """The manifests `kubectl apply -k deploy/<folder>` applies (resources, recursively)."""
     root = DEPLOY / folder
