@@ -87,17 +87,29 @@ def _readyz(server: str, pki: Path) -> bool:
 
 
 def healthy(record: state.Record | None) -> bool:
-    if record is None or not all(state.alive(p) for p in record.pids):
-        return False
+    if record is None or "server" not in record.facts or not all(state.alive(p) for p in record.pids):
+        return False  # none, one that failed half-way (no facts), or one with a process gone
     return _readyz(record.facts["server"], Path(record.facts["pki"]))
 
 
 def up(timeout: float = 180.0) -> state.Record:
-    """Start etcd and kube-apiserver unless a healthy pair is already running."""
+    """Start etcd and kube-apiserver unless a healthy pair is already running.
+
+    A start that fails half-way (a binary not built, a port taken, a timeout) stops what it
+    started and leaves no record, so the next `up` starts clean instead of finding a half pair."""
     record = state.load(COMPONENT)
     if healthy(record):
         return record
     state.stop(COMPONENT)
+    etcd, apiserver = state.binary("etcd"), state.binary("kube-apiserver")  # both built, or nothing starts
+    try:
+        return _start(etcd, apiserver, timeout)
+    except BaseException:
+        state.stop(COMPONENT)
+        raise
+
+
+def _start(etcd: Path, apiserver: Path, timeout: float) -> state.Record:
     base = state.STATE_DIR / "kube"
     shutil.rmtree(base / "etcd", ignore_errors=True)
     pki = base / "pki"
@@ -106,7 +118,7 @@ def up(timeout: float = 180.0) -> state.Record:
     etcd_port, peer_port, api_port = state.free_port(), state.free_port(), state.free_port()
     etcd_url = f"http://127.0.0.1:{etcd_port}"
     etcd_pid = state.spawn([
-        state.binary("etcd"), "--name", "testbed", "--data-dir", base / "etcd",
+        etcd, "--name", "testbed", "--data-dir", base / "etcd",
         "--listen-client-urls", etcd_url, "--advertise-client-urls", etcd_url,
         "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
         "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
@@ -117,7 +129,7 @@ def up(timeout: float = 180.0) -> state.Record:
     state.wait_until(lambda: state.port_open(etcd_port), 30, "etcd", log=logs / "etcd.log")
     server = f"https://127.0.0.1:{api_port}"
     api_argv = [
-        str(state.binary("kube-apiserver")),
+        str(apiserver),
         "--etcd-servers", etcd_url, "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
         "--secure-port", str(api_port),
         "--tls-cert-file", pki / "apiserver.crt", "--tls-private-key-file", pki / "apiserver.key",

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
 import smtplib
 import uuid
 from email.message import EmailMessage
 
 import pika
 import pytest
+
+from emailqueue_testbed import state
 
 pytestmark = pytest.mark.integration
 
@@ -198,3 +201,27 @@ def test_prometheus_scrapes_loads_the_rules_and_is_stopped_by_testbed_down(tmp_p
     finally:
         prom.stop()
         http_server.shutdown()
+
+
+def test_an_apiserver_start_that_fails_half_way_leaves_nothing_behind(monkeypatch, tmp_path):
+    """etcd is up, then kube-apiserver never gets ready: `up` raises, stops etcd and keeps no
+    record, so the next `up` (another engineer's test run) starts clean instead of meeting a
+    half-started pair it cannot use."""
+    from emailqueue_testbed import kube
+
+    monkeypatch.setattr(state, "STATE_DIR", tmp_path)
+    spawned: list[int] = []
+    real_spawn = state.spawn
+
+    def spawn(*args, **kwargs):
+        pid = real_spawn(*args, **kwargs)
+        spawned.append(pid)
+        return pid
+
+    monkeypatch.setattr(state, "spawn", spawn)
+    with pytest.raises(state.TestbedError):
+        kube.up(timeout=0.5)  # the apiserver cannot be ready within half a second
+    assert len(spawned) == 2, "etcd and kube-apiserver were both started"
+    assert state.load(kube.COMPONENT) is None
+    assert not [pid for pid in spawned if state.alive(pid)], "a process of the failed start is still running"
+    assert not kube.healthy(state.Record(kube.COMPONENT, (os.getpid(),), {}))  # a record without facts
