@@ -421,7 +421,10 @@ class _KubeSource:
             for line in iter_resp_lines(resp):  # type: ignore[no-untyped-call]
                 yield json.loads(line)
         finally:
+            # Closed, not returned as is: a stream left mid-way (an ERROR event, a stop) must
+            # not be reused for the next request. One reconnect per watch is nothing.
             self._response = None
+            resp.close()
             resp.release_conn()
 
     def close(self) -> None:
