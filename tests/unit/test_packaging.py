@@ -327,3 +327,20 @@ def test_build_context_sends_what_the_dockerfiles_copy() -> None:
                     fnmatch.fnmatch(source, pattern) or pattern == f"{source}/**" for pattern in allowed
                 )
                 assert sent, f"{dockerfile} copies {source}, which .dockerignore leaves out"
+
+
+@pytest.mark.parametrize(
+    "changed", ["requirements/dev.lock", "worker/pyproject.toml", "operator/pyproject.toml", "testbed/pyproject.toml"]
+)
+def test_make_venv_reinstalls_when_a_file_that_defines_it_changes(tmp_path: Path, changed: str) -> None:
+    """A fresh stamp means `make venv` does nothing; a newer lock or pyproject.toml means it reinstalls."""
+    (tmp_path / ".stamp").touch()
+
+    def dry_run(*flags: str) -> str:
+        return subprocess.run(
+            ["make", "--no-print-directory", "-n", *flags, f"VENV={tmp_path}", "venv"],
+            cwd=REPO, check=True, capture_output=True, text=True, timeout=60,
+        ).stdout
+
+    assert "pip install" not in dry_run()
+    assert "--require-hashes -r requirements/dev.lock" in dry_run("-W", changed)
