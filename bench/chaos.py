@@ -21,15 +21,17 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "out" / "chaos"
 RESULTS = OUT / "results"
 REPORT = REPO / "docs" / "reliability.md"
 
-FAULT_SUITE = ["tests/chaos", *sorted(str(p.relative_to(REPO)) for p in (REPO / "tests/integration").glob("test_faults_*.py")),
+FAULT_SUITE = ["tests/chaos",
+               *sorted(str(p.relative_to(REPO)) for p in (REPO / "tests/integration").glob("test_faults_*.py")),
                *sorted(str(p.relative_to(REPO)) for p in (REPO / "tests/unit").glob("test_*_fuzz.py"))]
 # (file, what it covers in the terms)
 EXISTING: tuple[tuple[str, str], ...] = (
@@ -127,17 +129,20 @@ def _loop_notes(name: str, r: Mapping[str, Any]) -> str:
     if name == "sigkill-workers":
         return f"{r.get('workers_killed')} workers SIGKILLed, {r.get('kubelet_restarts')} restarted by the kubelet"
     if name == "rabbitmq-restart":
-        return (f"{r.get('blind_seconds')} s blind, scale-downs while blind: {len(r.get('scale_downs_while_blind') or [])},"
+        drops = len(r.get('scale_downs_while_blind') or [])
+        return (f"{r.get('blind_seconds')} s blind, scale-downs while blind: {drops},"
                 f" {r.get('publish_errors')} publishes retried by the producer,"
                 f" fallback {'engaged' if r.get('fallback_seen') else 'not reached (outage < afterFailures polls)'}")
     if name == "smtp-4xx-5xx":
-        return f"550 for {', '.join(r.get('refused_recipients') or [])}; {'; '.join(r.get('dead_letter_details') or [])}"
+        refused, details = r.get('refused_recipients') or [], r.get('dead_letter_details') or []
+        return f"550 for {', '.join(refused)}; {'; '.join(details)}"
     if name == "apiserver-restart":
         return (f"operator alive throughout: {r.get('operator_alive')}; desired before {r.get('desired_before')}, "
                 f"after the restart {r.get('desired_after_restart')}; decided again "
                 f"{_n(r.get('recovery_seconds'))} s after the apiserver was ready")
     if name == "operator-restart":
-        return (f"desired before kill {r.get('desired_before_kill')}, during downtime {r.get('desired_during_downtime')},"
+        return (f"desired before kill {r.get('desired_before_kill')}, "
+                f"during downtime {r.get('desired_during_downtime')},"
                 f" replica changes in the 10 s after restart: {r.get('replica_changes_after_restart')}")
     return str(r.get("notes", ""))
 
@@ -147,7 +152,8 @@ def _operator_figures(name: str, r: Mapping[str, Any]) -> str:
         cond = r.get("condition") or {}
         return (f"detected in {_n(r.get('detected_seconds'))} s: Ready={cond.get('status')} "
                 f"reason {cond.get('reason')} (\"{str(cond.get('message', ''))[:90]}\"), "
-                f"{r.get('warning_events')} Warning event(s); replicas while conflicting {r.get('replicas_while_conflicting')}")
+                f"{r.get('warning_events')} Warning event(s); "
+                f"replicas while conflicting {r.get('replicas_while_conflicting')}")
     if name == "target-recreated":
         cond = r.get("condition_while_missing") or {}
         return (f"reported in {_n(r.get('reported_seconds'))} s: reason {cond.get('reason')} "
@@ -156,7 +162,8 @@ def _operator_figures(name: str, r: Mapping[str, Any]) -> str:
         return (f"all {r.get('emailqueues')} polled in {_n(r.get('all_polled_seconds'))} s; over "
                 f"{_n(r.get('window_seconds'))} s: CPU {_n(r.get('operator_cpu_share_of_one_core'))} of one core, "
                 f"RSS {r.get('rss_mib')} MiB, broker connections max {r.get('broker_connections_max')}, "
-                f"apiserver connections max {r.get('apiserver_connections_max')} → {r.get('apiserver_connections_last')}"
+                f"apiserver connections max {r.get('apiserver_connections_max')} "
+                f"→ {r.get('apiserver_connections_last')}"
                 f", threads {r.get('threads')}")
     return json.dumps({k: v for k, v in r.items() if k not in ("scenario", "test", "form", "recorded_at")})[:200]
 
@@ -213,13 +220,15 @@ def render(results: Mapping[str, Mapping[str, Any]], fault_cases: list[dict[str,
             continue
         captured = ", ".join(f"{k} {v}" for k, v in (r.get("captured_bytes") or {}).items())
         found = ", ".join(f"{k} {v}" for k, v in (r.get("leaks") or {}).items())
-        lines.append(f"| {r.get('fault', name)} | {captured} | {found} | {outcome_of(r.get('test', ''), fault_cases)} |")
+        outcome = outcome_of(r.get('test', ''), fault_cases)
+        lines.append(f"| {r.get('fault', name)} | {captured} | {found} | {outcome} |")
     lines += ["", "## Bad input and security (fault suite)", "", "| test file | passed | failed | skipped | s |",
               "|---|---|---|---|---|"]
     for path, entry in sorted(by_file(fault_cases).items()):
         if path.startswith("tests/chaos/") or "test_faults_operator" in path:
             continue
-        lines.append(f"| `{path}` | {entry['passed']} | {entry['failed']} | {entry['skipped']} | {entry['seconds']:.0f} |")
+        lines.append(f"| `{path}` | {entry['passed']} | {entry['failed']} | {entry['skipped']} "
+                     f"| {entry['seconds']:.0f} |")
     lines += ["", "## Existing reliability and security tests this report stands on", "",
               "| covers | test file | passed | failed | skipped |", "|---|---|---|---|---|"]
     files = by_file(existing_cases)
@@ -256,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         fault_seconds = time.monotonic() - started
         started = time.monotonic()
         code |= run_pytest([path for path, _ in EXISTING], existing_junit, not args.short, OUT / "existing.log")
-        meta = {"generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "form": "short" if args.short else "long",
+        meta = {"generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "form": "short" if args.short else "long",
                 "fault_seconds": fault_seconds, "existing_seconds": time.monotonic() - started}
         meta_path.write_text(json.dumps(meta) + "\n")
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"generated": "?", "form": "?"}

@@ -32,7 +32,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +84,9 @@ class Sink:
             try:
                 self.clear()
                 return
-            except OSError:
+            except OSError as exc:
                 if time.monotonic() > deadline:
-                    raise RuntimeError("SMTP sink did not start")
+                    raise RuntimeError("SMTP sink did not start") from exc
                 time.sleep(0.1)
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -118,7 +118,7 @@ def bare_loop(sink: Sink, n: int, connections: int) -> float:
     messages = []
     for i in range(n):
         job = parse_message(json.dumps(sample_job(i)).encode(), None)
-        messages.append((job, build_email(job, message_id_domain="bench.local", date=datetime.now(timezone.utc))))
+        messages.append((job, build_email(job, message_id_domain="bench.local", date=datetime.now(UTC))))
     shares = [messages[i::connections] for i in range(connections)]
     errors: list[BaseException] = []
 
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "emails_per_second": {k: round(v, 1) for k, v in results.items()},
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
         "goals": {k: {"min": v, "met": ratios[k] >= v} for k, v in goals.items()},
-        "cpus": os.cpu_count(), "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(), "at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     for key, value in report["ratios"].items():
         goal = goals.get(key)

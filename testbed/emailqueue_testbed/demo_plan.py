@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -109,7 +110,7 @@ class SurgePlan:
         t = min(max(t, 0.0), self.duration_seconds)
         total = 0.0
         knots = [*self.steps, (self.duration_seconds, 0.0)]
-        for (start, rate), (end, _) in zip(knots, knots[1:]):
+        for (start, rate), (end, _) in itertools.pairwise(knots):
             if t <= start:
                 break
             total += rate * (min(t, end) - start)
@@ -157,7 +158,7 @@ def compress(original: Any, *, time_factor: float, arrival_factor: float, rate_p
     factors are reported beside the others.
     """
     times, rates = original.arrival.times, original.arrival.rates
-    steps = tuple((round(t * time_factor, 3), round(r * arrival_factor, 3)) for t, r in zip(times, rates))
+    steps = tuple((round(t * time_factor, 3), round(r * arrival_factor, 3)) for t, r in zip(times, rates, strict=True))
     plan = SurgePlan(
         name=name, steps=steps, duration_seconds=round(original.duration_seconds * time_factor, 3),
         rate_per_replica=rate_per_replica, pod_start_delay_seconds=pod_start_delay_seconds,

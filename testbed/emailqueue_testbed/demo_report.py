@@ -10,6 +10,7 @@ runs the simulator, and `write_report`).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -122,12 +123,12 @@ def summarize(run: SurgeRun, simulated: Mapping[str, Any] | None = None) -> dict
     threshold = max(1.0, plan.base_rate)
     drain_s, drained = time_to_drain(run.samples, plan.surge_end, threshold)
     replica_seconds = ready_seconds = 0.0
-    for prev, cur in zip(run.samples, run.samples[1:]):
+    for prev, cur in itertools.pairwise(run.samples):
         replica_seconds += prev.pods * (cur.t - prev.t)
         ready_seconds += prev.ready * (cur.t - prev.t)
     desired = [s.desired for s in run.samples if s.desired is not None]
     changes = []
-    for prev, cur in zip(run.samples, run.samples[1:]):
+    for prev, cur in itertools.pairwise(run.samples):
         if cur.desired is not None and prev.desired is not None and cur.desired != prev.desired:
             changes.append({"at": round(cur.t, 1), "from": prev.desired, "to": cur.desired, "reason": cur.reason})
     last = run.samples[-1] if run.samples else None

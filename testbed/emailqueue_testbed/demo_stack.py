@@ -174,7 +174,8 @@ class DemoStack:
 
     def _create_kube_objects(self) -> None:
         ns = self.namespace
-        self.core.create_namespace({"metadata": {"name": ns, "labels": {"app.kubernetes.io/part-of": "emailqueue-demo"}}})
+        labels = {"app.kubernetes.io/part-of": "emailqueue-demo"}
+        self.core.create_namespace({"metadata": {"name": ns, "labels": labels}})
         self._later(f"delete namespace {ns}", self._delete_namespace)
         self.core.create_namespaced_secret(ns, {"metadata": {"name": SECRET}, "stringData": {
             "uri": self.amqp_url, "url": self.endpoints.mgmt_url, "prometheus-url": self.endpoints.prom_url or ""}})
@@ -233,7 +234,7 @@ class DemoStack:
 
     def _start_operator(self) -> None:
         self.operator_metrics_port = state.free_port()
-        log = open(self.out_dir / "operator.log", "ab")
+        log = open(self.out_dir / "operator.log", "ab")  # noqa: SIM115 - open while it runs; _stop_operator closes it
         env = {**os.environ, "KUBECONFIG": self.endpoints.kubeconfig}
         self.operator = subprocess.Popen(
             [sys.executable, "-m", "emailqueue_operator", "run", "--namespace", self.namespace,

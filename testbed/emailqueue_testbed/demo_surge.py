@@ -135,7 +135,8 @@ def run_surge(stack: DemoStack, on_sample: Callable[[Sample, str], None] | None 
         spans = tuple(stack.prometheus.timeline(publisher.started_at, end, origin=publisher.started_at))
         dashboard = tuple(check_dashboard(stack.prometheus, publisher.started_at, end, stack.dashboard_variables()))
     return SurgeRun(plan=plan, started_at=publisher.started_at, published=dict(publisher.published),
-                    receipts=receipts, samples=tuple(samples), scale_events=tuple(stack.scale_events(publisher.started_at)),
+                    receipts=receipts, samples=tuple(samples),
+                    scale_events=tuple(stack.scale_events(publisher.started_at)),
                     kubelet_events=tuple(kubelet.events), drained=all_seen, settled=settled,
                     publish_errors=publisher.errors, interrupted=interrupted, alert_spans=spans, dashboard=dashboard,
                     annotations=dict(stack.rendered_annotations) if stack.prometheus is not None else None)

@@ -141,7 +141,8 @@ def test_console_script_resolves_to_a_function_inside_the_same_wheel(wheels: dic
 def test_operator_wheel_ships_every_crd_and_scenario(wheels: dict[str, Wheel]) -> None:
     files = wheels["emailqueue-operator"].files
     for folder in ("crds", "scenarios"):
-        source = {f"emailqueue_operator/{folder}/{p.name}" for p in (REPO / "operator/emailqueue_operator" / folder).glob("*.yaml")}
+        shipped = (REPO / "operator/emailqueue_operator" / folder).glob("*.yaml")
+        source = {f"emailqueue_operator/{folder}/{p.name}" for p in shipped}
         assert source, folder
         assert {f for f in files if f.startswith(f"emailqueue_operator/{folder}/")} == source
     assert "email_worker/message.schema.json" in wheels["email-worker"].files
@@ -297,7 +298,8 @@ def test_dockerfile_pins_base_by_digest_and_installs_only_from_the_lock(dockerfi
 
 
 def test_worker_image_copies_only_the_worker() -> None:
-    copies = [i.split()[1:-1] for i in _instructions("worker/Dockerfile") if i.startswith("COPY ") and "--from" not in i]
+    copies = [i.split()[1:-1] for i in _instructions("worker/Dockerfile")
+              if i.startswith("COPY ") and "--from" not in i]
     sources = [s for c in copies for s in c]
     assert sources and all(s.startswith(("worker/", "requirements/")) for s in sources), sources
     assert "requirements/operator.lock" not in sources

@@ -6,7 +6,6 @@ import io
 import json
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -160,11 +159,11 @@ def test_impossible_inputs_are_one_error_line_and_exit_2(args: list[str], says: 
 
 
 @pytest.mark.parametrize("peak", ["1e6", "1e12", "1e15"])
+@pytest.mark.timeout(60)  # a hang guard, not a speed target
 def test_a_peak_beyond_the_crds_fleet_caps_max_skips_the_replay_and_says_so(peak: str) -> None:
     # Was `max: 154999` for 1e6 (the CRD allows 10,000) and a replay hanging for minutes for 1e12.
-    started = time.monotonic()
     code, out, _ = plan_cli(["--peak-rate", peak, *BASE_ARGS, "--drain-seconds", "60"])
-    assert code == 0 and time.monotonic() - started < 5
+    assert code == 0
     document = yaml.safe_load(out)
     assert document["spec"]["replicas"]["max"] == MAX_REPLICAS_LIMIT
     parse_spec(document["spec"])
@@ -210,9 +209,9 @@ def test_a_replay_that_meets_the_slo_adds_no_warning() -> None:
 
 
 def test_a_long_surge_is_replayed_in_bounded_time_and_says_so() -> None:
-    started = time.monotonic()
+    # Bounded in work (the replayed duration is capped), not timed: a timed unit test is a
+    # machine-load test (it measured 5.07 s against a 5 s bound on a busy 2-core machine).
     result = planner.replay(recommend(replace(INCIDENT, surge_seconds=1e8)))
-    assert time.monotonic() - started < 5
     assert result.scenario is not None
     assert result.scenario.duration_seconds <= planner.REPLAY_MAX_SURGE_SECONDS + 1800
     assert any("of the 1e+08s surge" in w for w in result.warnings)

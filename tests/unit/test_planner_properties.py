@@ -16,7 +16,6 @@ import copy
 import io
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -237,10 +236,9 @@ def test_replayed_plans_meet_their_slo_or_say_which_wait_they_hold(inputs: PlanI
     (1e15, 1e-6, "replay skipped"),
     (1e6, 1e15, "the replay plays 14400s of the 1e+09s surge"),  # one replica, a 31-year surge
 ])
+@pytest.mark.timeout(60)  # a hang guard (these used to run for minutes), not a speed target
 def test_extreme_inputs_replay_at_once(peak: float, mu: float, said: str) -> None:
     inputs = PlanInput(peak_rate=peak, rate_per_replica=mu, startup_seconds=30, base_rate=0, drain_seconds=60,
                        surge_seconds=1e9)
-    started = time.monotonic()
     result = planner.replay(recommend(inputs))
-    assert time.monotonic() - started < 3
     assert any(w.startswith(said) for w in result.warnings), result.warnings
