@@ -78,15 +78,23 @@ testbed-status: ## show which test bed components are running
 
 ##@ Test
 .PHONY: test
-test: venv deps testbed-bins testbed-brokers ## run every test (unit, integration, e2e); starts what it needs
+test: venv check-code deps testbed-bins testbed-brokers ## ruff and mypy --strict, then every test (unit, integration, e2e); starts what it needs
 	$(PYTEST) tests --durations=30
 
+.PHONY: check-code
+check-code: venv ## ruff (operator, worker, testbed, tests, bench) and mypy --strict (operator/, worker/: mypy.ini)
+	$(VENV)/bin/ruff check operator worker testbed tests bench
+	$(VENV)/bin/mypy
+
 .PHONY: test-unit
-test-unit: venv ## fast tests without the test bed
+test-unit: venv ## fast tests without the test bed (builds helm once: the chart and deploy/ sync tests render with it)
+	testbed/build-bins.sh helm
 	$(PYTEST) tests/unit -q
 
 .PHONY: lint
-lint: venv testbed-bins ## helm lint --strict, promtool check/test rules, static chart/alert/dashboard checks
+lint: venv testbed-bins check-code ## ruff, mypy, hadolint, helm lint --strict, promtool check/test rules, deploy/ rendered from the chart, static chart/alert/dashboard checks
+	$(VENV)/bin/hadolint operator/Dockerfile worker/Dockerfile
+	$(PY) deploy/render.py --check
 	$(call tool,helm) lint --strict charts/emailqueue-operator
 	$(call tool,promtool) check rules deploy/monitoring/rules/*.yaml
 	cd deploy/monitoring/tests && $(call tool,promtool) test rules *.yaml
@@ -94,8 +102,10 @@ lint: venv testbed-bins ## helm lint --strict, promtool check/test rules, static
 
 ##@ Ship
 .PHONY: manifests
-manifests: venv ## regenerate the PrometheusRule, the chart's copies of the CRD, rules and dashboard, and the chart README
+manifests: venv ## regenerate the PrometheusRule, the chart's and the package's copies of the CRD, rules and dashboard, deploy/operator and deploy/worker (rendered from the chart), and the chart README
+	testbed/build-bins.sh helm
 	$(PY) deploy/monitoring/sync.py
+	$(PY) deploy/render.py
 	$(PY) charts/emailqueue-operator/readme.py
 
 .PHONY: images
