@@ -152,7 +152,7 @@ def test_broker_sigkilled_while_dead_lettering_and_retrying_loses_no_email(
 
     worker = Worker(WorkerConfig(
         amqp_url=url, topology=TOPOLOGY, concurrency=2, metrics_host="127.0.0.1", metrics_port=0,
-        grace_seconds=5, heartbeat_seconds=5, broker_backoff_max=5.0,  # reconnect soon after the restart
+        grace_seconds=5, heartbeat_seconds=5,
         smtp=SmtpConfig(host="127.0.0.1", port=port, timeout=5, message_id_domain=DOMAIN)))
     thread = threading.Thread(target=worker.run, name="worker-under-test", daemon=True)
     thread.start()

@@ -103,7 +103,9 @@ class WorkerConfig:
     heartbeat_seconds: int = 30
     blocked_connection_timeout: float = 120.0
     """Give up on a connection the broker keeps blocked (memory/disk alarm) this long, then reconnect."""
-    broker_backoff_max: float = 30.0
+    broker_backoff_max: float = 10.0
+    """Longest wait between reconnect attempts (0.5 s doubling, jittered). 30 s left workers idle up to
+    half a minute after a broker restart; RabbitMQ's own clients retry every 5 s."""
     parse: ParseOptions = DEFAULT_OPTIONS
     declare_topology: bool = True
     circuit_initial_seconds: float = 5.0
