@@ -13,6 +13,9 @@ email, and is SIGKILLed — no clean shutdown, no flush — while
 After the node comes back, every email is delivered or in the dead queue, with its reason:
 nothing is lost. Duplicates are possible (a send or a copy confirmed just before the crash,
 whose ack the broker never wrote) and are counted, not forbidden.
+
+And a node that does not answer at all: the worker and the publisher, given the cluster's nodes
+as a list, connect to the next one.
 """
 from __future__ import annotations
 
@@ -199,3 +202,29 @@ def test_broker_sigkilled_while_dead_lettering_and_retrying_loses_no_email(
     # what was in flight when the broker died (concurrency 2, prefetch) and counted here.
     duplicates = sum(delivered.values()) - len(delivered) + sum(dead.values()) - len(dead)
     assert duplicates <= 20, f"{duplicates} duplicates: {shown}"
+
+
+def test_worker_and_publisher_fail_over_to_the_next_node_in_their_list(
+        rabbitmq: Any, vhost: str, mailbox: tuple[Mailbox, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """AMQP_URL lists two nodes and the first does not answer (a cluster node down): the
+    publisher and the worker connect to the other and mail flows (client-side failover)."""
+    smtp, port = mailbox
+    smtp.delay = 0.0
+    down = f"amqp://nobody:nothing@127.0.0.1:{state.free_port()}/"  # nothing listens there
+    nodes = f"{down}, {vhost}"
+    monkeypatch.setattr("email_worker.publisher.random.randrange", lambda _: 0)  # the dead node first
+    with Publisher(nodes, declare_topology=TOPOLOGY) as publisher:
+        publisher.publish_many({"id": f"fo-{n}", "to": f"ok{n}@example.com", "from": "app@example.com",
+                                "subject": "failover", "text": "hello"} for n in range(5))
+    worker = Worker(WorkerConfig(
+        amqp_url=nodes, topology=TOPOLOGY, concurrency=1, metrics_host="127.0.0.1", metrics_port=0,
+        smtp=SmtpConfig(host="127.0.0.1", port=port, timeout=5, message_id_domain=DOMAIN)))
+    worker._first_node = 0  # start at the dead node (a random one in production)
+    thread = threading.Thread(target=worker.run, name="worker-under-test", daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: len(smtp.accepted) == 5, 30, "the five emails sent through the live node")
+    finally:
+        worker.stop()
+        thread.join(30)
+    assert sorted(job_id(m) for m in smtp.accepted) == [f"fo-{n}" for n in range(5)]

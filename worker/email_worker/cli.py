@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TextIO, overload
 
-from email_worker.logs import redact_url, setup_logging
+from email_worker.logs import setup_logging
 from email_worker.message import DEFAULT_MAX_BODY_BYTES, InvalidMessage, ParseOptions
 from email_worker.routing import RetryPolicy, parse_tiers
 from email_worker.smtp import SmtpConfig
@@ -56,7 +56,9 @@ def _secret(env: Mapping[str, str], name: str, default: str | None = None) -> st
 
 def _add_broker_args(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
     parser.add_argument("--amqp-url", default=None,
-                        help="broker URL, e.g. amqp://user:pass@host:5672/vhost (env AMQP_URL or AMQP_URL_FILE)")
+                        help="broker URL, e.g. amqp://user:pass@host:5672/vhost; a cluster's nodes as a comma-"
+                             "separated list (each client starts at its own node, fails over to the next) "
+                             "(env AMQP_URL or AMQP_URL_FILE)")
     parser.add_argument("--queue", default=_env(env, "QUEUE", DEFAULT_PREFIX),
                         help="work queue name = topology prefix (env QUEUE, default %(default)s)")
     parser.add_argument("--retry-tiers", default=_env(env, "RETRY_TIERS", "10s,60s,600s"),
@@ -254,10 +256,15 @@ def _connect(url: str) -> Any:
     import pika
     import pika.exceptions
 
+    from email_worker import brokers
+
     try:
-        return pika.BlockingConnection(pika.URLParameters(url))
+        return pika.BlockingConnection(brokers.connection_parameters(url))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
     except (pika.exceptions.AMQPError, OSError) as exc:
-        print(f"error: cannot connect to {redact_url(url)}: {type(exc).__name__}", file=sys.stderr)
+        print(f"error: cannot connect to {brokers.display(url)}: {type(exc).__name__}", file=sys.stderr)
         return None
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -27,7 +28,8 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from email_worker.logs import redact_text, redact_url
+from email_worker import brokers
+from email_worker.logs import redact_text
 from email_worker.message import DEFAULT_OPTIONS, ParseOptions, parse_message
 from email_worker.topology import DEFAULT_PREFIX, Topology, declare
 
@@ -62,7 +64,7 @@ class Publisher:
         self._channel: Any = None
 
     def __repr__(self) -> str:
-        return f"Publisher({redact_url(self.amqp_url)!r}, queue={self.queue!r})"
+        return f"Publisher({brokers.display(self.amqp_url)!r}, queue={self.queue!r})"
 
     def __enter__(self) -> Publisher:
         return self
@@ -112,9 +114,13 @@ class Publisher:
         if self._channel is None or not self._channel.is_open:
             self.close()
             try:
-                self._connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+                # Several nodes: start at a random one, the others tried in turn if it does not answer.
+                nodes = brokers.connection_parameters(self.amqp_url, random.randrange(1 << 16))
+                self._connection = pika.BlockingConnection(nodes)
+            except ValueError as exc:
+                raise PublishError(str(exc)) from None
             except (pika.exceptions.AMQPError, OSError) as exc:
-                raise PublishError(f"cannot connect to {redact_url(self.amqp_url)}: "
+                raise PublishError(f"cannot connect to {brokers.display(self.amqp_url)}: "
                                    f"{type(exc).__name__} {redact_text(str(exc))}") from None
             self._channel = self._connection.channel()
             self._channel.confirm_delivery()

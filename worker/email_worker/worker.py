@@ -35,6 +35,7 @@ import functools
 import logging
 import os
 import queue
+import random
 import socket
 import threading
 import time
@@ -46,9 +47,10 @@ import pika
 import pika.exceptions
 import pika.spec
 
+from email_worker import brokers
 from email_worker.backoff import backoff_delay
 from email_worker.circuit import CircuitBreaker
-from email_worker.logs import redact_text, redact_url
+from email_worker.logs import redact_text
 from email_worker.message import (
     ATTEMPTS_HEADER,
     DEFAULT_OPTIONS,
@@ -129,7 +131,7 @@ class WorkerConfig:
             raise ValueError("circuit delays need 0 < initial <= max")
 
     def __repr__(self) -> str:
-        return f"WorkerConfig(amqp_url={redact_url(self.amqp_url)!r}, smtp={self.smtp!r}, ...)"
+        return f"WorkerConfig(amqp_url={brokers.display(self.amqp_url)!r}, smtp={self.smtp!r}, ...)"
 
 
 @dataclass
@@ -180,6 +182,7 @@ class Worker:
         self.metrics = metrics or WorkerMetrics(tiers=tuple(t.name for t in config.topology.retry.tiers))
         self.health = Health(liveness_timeout=max(60.0, 4 * config.heartbeat_seconds))
         self.counters = _Counters()
+        self._first_node = random.randrange(1 << 16)  # where this worker starts in a list of broker nodes
         self.metrics_port: int | None = None
         self._stop = threading.Event()
         self._abort = threading.Event()    # drain deadline passed: senders start nothing more
@@ -227,7 +230,7 @@ class Worker:
                 return 2
             self.metrics_port = self._http.server_port
         log.info("worker starting", extra={"fields": {
-            "broker": redact_url(cfg.amqp_url), "queue": cfg.topology.work_queue,
+            "broker": brokers.display(cfg.amqp_url), "queue": cfg.topology.work_queue,
             "smtp": f"{cfg.smtp.host}:{cfg.smtp.port}", "smtp_tls": cfg.smtp.tls,
             "concurrency": cfg.concurrency, "rate_limit": cfg.rate_limit, "metrics_port": self.metrics_port,
             "retry_tiers": [t.name for t in cfg.topology.retry.tiers], "pid": os.getpid()}})
@@ -278,25 +281,29 @@ class Worker:
 
     def _connect(self, failures: int) -> Any | None:
         cfg = self.config
+        # Named so `rabbitmqctl list_connections` / the management UI show which pod holds what.
+        pod = os.environ.get("POD_NAME") or socket.gethostname()
+
+        def configure(params: pika.URLParameters) -> None:
+            params.heartbeat = cfg.heartbeat_seconds
+            params.blocked_connection_timeout = cfg.blocked_connection_timeout
+            params.connection_attempts = 1
+            params.socket_timeout = 10
+            params.client_properties = {"connection_name": f"email-worker {pod} pid {os.getpid()}"}
+
         try:
-            params = pika.URLParameters(cfg.amqp_url)
-        except Exception as exc:  # a malformed URL is not going to heal: say so, keep retrying slowly
+            # Several nodes: each worker starts at its own node, and after a failure at the next one.
+            nodes = brokers.connection_parameters(cfg.amqp_url, self._first_node + failures, configure)
+        except ValueError as exc:  # a malformed URL is not going to heal: say so, keep retrying slowly
             log.error("invalid AMQP URL", extra={"fields": {"error": redact_text(str(exc))}})
             self._stop.wait(self._backoff(failures + 1))
             return None
-        params.heartbeat = cfg.heartbeat_seconds
-        params.blocked_connection_timeout = cfg.blocked_connection_timeout
-        params.connection_attempts = 1
-        params.socket_timeout = 10
-        # Named so `rabbitmqctl list_connections` / the management UI show which pod holds what.
-        pod = os.environ.get("POD_NAME") or socket.gethostname()
-        params.client_properties = {"connection_name": f"email-worker {pod} pid {os.getpid()}"}
         try:
-            return pika.BlockingConnection(params)
+            return pika.BlockingConnection(nodes)
         except (pika.exceptions.AMQPError, OSError) as exc:
             delay = self._backoff(failures + 1)
             log.error("cannot connect to broker; retrying", extra={"fields": {
-                "broker": redact_url(cfg.amqp_url), "error": _describe(exc), "retry_in_seconds": round(delay, 2),
+                "broker": brokers.display(cfg.amqp_url), "error": _describe(exc), "retry_in_seconds": round(delay, 2),
                 "attempt": failures + 1}})
             self._stop.wait(delay)
             return None
