@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import kube, prometheus, rabbit, smtp_proc, state
+from . import kube, prometheus, rabbit, rabbit_cluster, smtp_proc, state
 
 COMPONENTS = ("kube", "rabbitmq", "smtp")
 _UP = {"kube": kube.up, "rabbitmq": rabbit.up, "smtp": smtp_proc.up}
@@ -109,6 +109,13 @@ def down(components: tuple[str, ...] = COMPONENTS) -> list[str]:
         # The broker matrix's other nodes (started by tests) go with the shared broker.
         stopped += [v.component for v in rabbit.VARIANTS.values()
                     if v.component != rabbit.COMPONENT and rabbit.down(v.component)]
+        # And what outage tests start: private nodes (one per test session) and the cluster,
+        # also when a killed run left them behind.
+        if rabbit_cluster.down():
+            stopped.append(rabbit_cluster.COMPONENT)
+        for path in sorted(state.STATE_DIR.glob("rabbitmq-private-*.json")):
+            if rabbit.down(path.stem):
+                stopped.append(path.stem)
     if set(components) == set(COMPONENTS):  # the whole test bed: what runs left behind goes too
         stopped += prometheus.down_all()
     (state.STATE_DIR / "env").unlink(missing_ok=True)

@@ -248,6 +248,31 @@ def up(timeout: float = 120.0, component: str = COMPONENT, variant: str = "3.10"
         "user": "testbed", "password": "tb-" + secrets.token_hex(6) + "/:@%",
     }
     facts["mgmt_url"] = f"http://127.0.0.1:{facts['mgmt_port']}"
+    write_config(base, facts, kind)
+    env = node_env(facts)
+    logs = state.STATE_DIR / "logs"
+    epmd_pid = state.spawn(epmd_argv(facts), logs / f"{component}-epmd.log", env=env)
+    state.save(state.Record(component, (epmd_pid,), facts))
+    state.wait_until(lambda: state.port_open(facts["epmd_port"]), 15, "epmd", log=logs / f"{component}-epmd.log")
+    server_pid = state.spawn(_argv(facts, SERVER), logs / f"{component}.log", env=env, cwd=base)
+    record = state.Record(component, (epmd_pid, server_pid), facts)
+    state.save(record)
+    await_startup(facts, timeout, logs / f"{component}.log", server_pid)
+    state.wait_until(lambda: healthy(record), 60, "RabbitMQ management API", log=logs / f"{component}.log")
+    return record
+
+
+def epmd_argv(facts: dict[str, Any]) -> list[str]:
+    """argv of the epmd a node (or the nodes of a cluster) registers with, on facts' epmd_port."""
+    if facts.get("root"):
+        argv = _argv(facts, EPMD)
+    else:
+        argv = [shutil.which("epmd", path="/usr/lib/erlang/bin:/usr/bin:" + os.environ.get("PATH", "")) or "epmd"]
+    return [*argv, "-port", str(facts["epmd_port"])]
+
+
+def write_config(base: Path, facts: dict[str, Any], kind: Variant, extra: tuple[str, ...] = ()) -> None:
+    """enabled_plugins, rabbitmq.conf (+ `extra` lines) and advanced.config of one node."""
     (base / "enabled_plugins").write_text("[rabbitmq_management,rabbitmq_prometheus].\n")
     (base / "rabbitmq.conf").write_text("\n".join([
         f"listeners.tcp.default = 127.0.0.1:{facts['amqp_port']}",
@@ -266,6 +291,7 @@ def up(timeout: float = 120.0, component: str = COMPONENT, variant: str = "3.10"
         "disk_free_limit.absolute = 50MB",
         "log.console = false",
         "log.file.level = warning",
+        *extra,
         "",
     ]))
     # RabbitMQ 4.0's rabbitmq.conf reads `default_pass = a:b` as a tagged (encrypted) value and
@@ -274,22 +300,6 @@ def up(timeout: float = 120.0, component: str = COMPONENT, variant: str = "3.10"
     (base / "advanced.config").write_text(
         f"[{{rabbit, [{{default_user, {_erlang_binary(facts['user'])}}}, "
         f"{{default_pass, {_erlang_binary(facts['password'])}}}]}}].\n")
-    env = node_env(facts)
-    logs = state.STATE_DIR / "logs"
-    if root is None:
-        epmd = shutil.which("epmd", path="/usr/lib/erlang/bin:/usr/bin:" + os.environ.get("PATH", "")) or "epmd"
-        epmd_argv = [epmd]
-    else:
-        epmd_argv = _argv(facts, EPMD)
-    epmd_pid = state.spawn([*epmd_argv, "-port", str(facts["epmd_port"])], logs / f"{component}-epmd.log", env=env)
-    state.save(state.Record(component, (epmd_pid,), facts))
-    state.wait_until(lambda: state.port_open(facts["epmd_port"]), 15, "epmd", log=logs / f"{component}-epmd.log")
-    server_pid = state.spawn(_argv(facts, SERVER), logs / f"{component}.log", env=env, cwd=base)
-    record = state.Record(component, (epmd_pid, server_pid), facts)
-    state.save(record)
-    await_startup(facts, timeout, logs / f"{component}.log", server_pid)
-    state.wait_until(lambda: healthy(record), 60, "RabbitMQ management API", log=logs / f"{component}.log")
-    return record
 
 
 def _mount_namespace(pid: int) -> str | None:

@@ -1,0 +1,157 @@
+"""A three-node RabbitMQ cluster: the quorum queue's leader SIGKILLed under load (issue #16).
+
+The workers and the publisher are given the three nodes as one list (client-side failover);
+the work queue is a quorum queue replicated on all three. The node holding its leader is
+SIGKILLed while mail flows, and started again later: a new leader is elected on a surviving
+node, the clients that were connected to the dead node reconnect to another one, the
+publisher retries what was not confirmed (same id), and every accepted email is delivered.
+Duplicates are possible (a confirm or an ack the crash cut off) and are counted.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pika
+import pytest
+from aiosmtpd.controller import Controller
+
+from email_worker.brokers import connection_parameters
+from email_worker.publisher import Publisher, PublishError
+from email_worker.smtp import SmtpConfig
+from email_worker.topology import declare
+from email_worker.worker import Worker, WorkerConfig
+from emailqueue_testbed import rabbit, rabbit_cluster, state
+
+from .test_broker_crash import DOMAIN, TOPOLOGY, Mailbox, job_id, wait_for
+
+pytestmark = pytest.mark.integration
+
+EMAILS = 400
+RATE = 40.0   # emails/s published
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[state.Record]:
+    record = rabbit_cluster.up()
+    yield record
+    rabbit_cluster.down()
+
+
+@pytest.fixture
+def relay() -> Iterator[tuple[Mailbox, int]]:
+    handler, port = Mailbox(delay=0.01), state.free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield handler, port
+    controller.stop()
+
+
+def _leader(cluster: state.Record, vhost: str, queue: str) -> dict[str, Any]:
+    """The queue as a running node's management API shows it once it names a leader ({} until then)."""
+    for index in range(len(cluster.facts["nodes"])):
+        if not rabbit_cluster.node_healthy(cluster, index):
+            continue
+        try:
+            info = rabbit.management(rabbit_cluster.node_record(cluster, index)).queue(vhost, queue)
+        except OSError:  # 404 until the node's first statistics tick knows the queue; a node going down
+            continue
+        if info.get("leader"):
+            return info
+    return {}
+
+
+class _Load(threading.Thread):
+    """Publishes EMAILS at RATE through the node list; an unconfirmed publish is retried (same id)."""
+
+    def __init__(self, urls: str) -> None:
+        super().__init__(name="cluster-publisher", daemon=True)
+        self.urls, self.accepted, self.errors = urls, [], 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        publisher = Publisher(self.urls, queue=TOPOLOGY.work_queue)
+        origin, n = time.monotonic(), 0
+        try:
+            while n < EMAILS and not self.stop.is_set():
+                if n >= (time.monotonic() - origin) * RATE:
+                    time.sleep(0.005)
+                    continue
+                try:
+                    publisher.publish({"id": f"cl-{n:04d}", "to": f"ok{n}@example.com", "from": "app@example.com",
+                                       "subject": "cluster", "text": "hello"})
+                except PublishError:
+                    self.errors += 1
+                    publisher.close()
+                    self.stop.wait(0.2)
+                    continue
+                self.accepted.append(f"cl-{n:04d}")
+                n += 1
+        finally:
+            publisher.close()
+
+
+def test_quorum_leader_sigkilled_under_load_loses_nothing(cluster: state.Record,
+                                                         relay: tuple[Mailbox, int]) -> None:
+    smtp, port = relay
+    vhost = f"cl-{uuid.uuid4().hex[:8]}"
+    rabbit.management(rabbit_cluster.node_record(cluster, 0)).create_vhost(vhost, "testbed")
+    urls = ", ".join(rabbit_cluster.amqp_urls(cluster, vhost))
+    connection = pika.BlockingConnection(connection_parameters(urls))
+    try:
+        declare(connection.channel(), TOPOLOGY)
+    finally:
+        connection.close()
+    wait_for(lambda: _leader(cluster, vhost, TOPOLOGY.work_queue), 30, "the work queue's leader")
+    queue = _leader(cluster, vhost, TOPOLOGY.work_queue)
+    names = sorted(f["node"] for f in cluster.facts["nodes"])
+    assert sorted(queue.get("members") or []) == names, "the work queue is not replicated on all three nodes"
+    leader = rabbit_cluster.index_of(cluster, queue["leader"])
+
+    workers = [Worker(WorkerConfig(
+        amqp_url=urls, topology=TOPOLOGY, concurrency=2, metrics_host="127.0.0.1", metrics_port=0,
+        heartbeat_seconds=5, smtp=SmtpConfig(host="127.0.0.1", port=port, timeout=5, message_id_domain=DOMAIN)))
+        for _ in range(2)]
+    threads = [threading.Thread(target=w.run, daemon=True) for w in workers]
+    for thread in threads:
+        thread.start()
+    load = _Load(urls)
+    load.start()
+    killed_at = None
+    try:
+        wait_for(lambda: len(load.accepted) >= EMAILS // 4 and len(smtp.accepted) >= 20, 60, "mail flowing")
+        rabbit_cluster.kill(cluster, leader)
+        killed_at = len(load.accepted)
+        wait_for(lambda: _leader(cluster, vhost, TOPOLOGY.work_queue).get("leader") != queue["leader"], 60,
+                 "a new leader on a surviving node")
+        time.sleep(5)  # mail flows on two nodes for a while
+        cluster = rabbit_cluster.start(cluster, leader)
+        load.join(120)
+        assert not load.is_alive(), "the publisher did not finish"
+
+        def delivered() -> set[str]:
+            with smtp.lock:
+                return {job_id(m) for m in smtp.accepted}
+        wait_for(lambda: delivered() >= set(load.accepted), 120, "every accepted email delivered")
+    finally:
+        load.stop.set()
+        for worker in workers:
+            worker.stop()
+        for thread in threads:
+            thread.join(30)
+        if not rabbit_cluster.node_healthy(cluster, leader):
+            rabbit_cluster.start(cluster, leader)
+
+    counts = Counter(job_id(m) for m in smtp.accepted)
+    lost = sorted(set(load.accepted) - set(counts))
+    duplicates = sum(counts.values()) - len(counts)
+    shown = (f"leader node {leader} killed after {killed_at} accepted; accepted {len(load.accepted)}, "
+             f"publish errors {load.errors}, delivered {len(counts)}, duplicates {duplicates}, lost {lost[:10]}")
+    print(shown)  # the figures, with -s
+    assert killed_at is not None and killed_at < EMAILS, shown
+    assert len(load.accepted) == EMAILS and not lost, shown
+    assert duplicates <= 20, shown
