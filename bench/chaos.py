@@ -31,6 +31,8 @@ RESULTS = OUT / "results"
 REPORT = REPO / "docs" / "reliability.md"
 
 FAULT_SUITE = ["tests/chaos",
+               # broker crashes: a node SIGKILLed while dead-lettering; a cluster's quorum leader SIGKILLed
+               "tests/integration/test_broker_crash.py", "tests/integration/test_broker_cluster.py",
                *sorted(str(p.relative_to(REPO)) for p in (REPO / "tests/integration").glob("test_faults_*.py")),
                *sorted(str(p.relative_to(REPO)) for p in (REPO / "tests/unit").glob("test_*_fuzz.py"))]
 # (file, what it covers in the terms)
