@@ -59,6 +59,10 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING  # our own events are posted explicitly
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 30
+    # kopf keeps a worker task per EmailQueue that had an event, holding the last raw body,
+    # for idle_timeout after it (default 5 s). Every EmailQueue's status is written at least
+    # every 30 s and comes back as an event: at 5 s a sixth of them would hold a worker.
+    settings.batching.idle_timeout = 0.5
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(max_workers=POLL_THREADS, thread_name_prefix="poll"))
 
@@ -273,6 +277,7 @@ async def scale_loop(loop: ScaleLoop) -> None:
                 state = PolicyState.from_status(status.get("policy"))
                 conditions_now = list(status.get("conditions") or [])
                 written, written_at, next_at, leading = None, float("-inf"), aio.time(), True
+                del status
             CONTEXT.metrics.poll_lag.observe(max(0.0, aio.time() - next_at))
             # Our own last status, not the watched one: the watch may lag behind our patch.
             snapshot = {"metadata": dict(body.get("metadata") or {}), "spec": dict(body.get("spec") or {}),
@@ -295,12 +300,16 @@ async def scale_loop(loop: ScaleLoop) -> None:
                 except Exception as exc:  # status is informative; the next poll writes it again
                     log.warning("%s/%s: status patch failed: %s", namespace, name, exc)
             _post(body, namespace, name, result)
+            poll_seconds = result.poll_seconds
+            # Not held over the sleep: the status written (decision, policy history, conditions)
+            # is kilobytes of dicts, times every EmailQueue. conditions_now and state stay.
+            del result, snapshot, body  # (the watch may bring a new body meanwhile)
             if time.monotonic() - loop.seen_at > SILENT_SECONDS:
                 if await asyncio.to_thread(emailqueue_gone, namespace, name, uid):
                     log.warning("%s/%s: deleted while the watch was re-listing; polling stops", namespace, name)
                     break
                 loop.seen_at = time.monotonic()
-            next_at += result.poll_seconds
+            next_at += poll_seconds
             delay = next_at - aio.time()
             if delay < 0:  # we fell behind: do not try to catch up with a burst
                 next_at = aio.time()

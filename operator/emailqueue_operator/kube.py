@@ -58,6 +58,11 @@ class TargetScale:
 _api_lock = threading.Lock()
 _api: client.ApiClient | None = None
 
+API_CONNECTIONS = 24
+"""Connections the shared ApiClient keeps open: at least as many as threads that call the
+API at once (handlers.POLL_THREADS). The client's default is 5 per core; a full pool
+discards each extra connection and the next request pays a new TLS handshake."""
+
 
 def api_client() -> client.ApiClient:
     """One ApiClient for the process (in-cluster config, else the kubeconfig)."""
@@ -68,7 +73,9 @@ def api_client() -> client.ApiClient:
                 config.load_incluster_config()  # type: ignore[no-untyped-call]
             except config.ConfigException:
                 config.load_kube_config()  # type: ignore[no-untyped-call]
-            _api = client.ApiClient()
+            configuration = client.Configuration.get_default_copy()
+            configuration.connection_pool_maxsize = API_CONNECTIONS
+            _api = client.ApiClient(configuration)
         return _api
 
 

@@ -264,3 +264,12 @@ def test_unsupported_kind_is_refused_before_any_watch() -> None:
     with pytest.raises(kube.TargetError) as err:
         targets.watched.read("ns", "DaemonSet", "w")
     assert err.value.reason == "TargetKindUnsupported" and targets.sources == []
+
+
+def test_the_api_connection_pool_has_room_for_every_poll_thread() -> None:
+    # Fewer pooled connections than threads patching status at once: each extra connection
+    # is discarded after its request and the next one pays a TLS handshake (seen at 1000
+    # EmailQueues as "Connection pool is full, discarding connection").
+    from emailqueue_operator import handlers
+
+    assert kube.API_CONNECTIONS >= handlers.POLL_THREADS
