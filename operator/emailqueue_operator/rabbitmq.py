@@ -98,17 +98,31 @@ class AmqpEndpoint:
                    password=urllib.parse.unquote(parts.password or "guest"), tls=tls)
 
 
+_NEXT_HTTP_URL = re.compile(r"[\s,]+(?=https?://)", re.IGNORECASE)
+
+
+def http_urls(text: str) -> tuple[str, ...]:
+    """The base URLs in `text`: one, or a cluster's nodes separated by commas or whitespace."""
+    urls = tuple(u.strip().rstrip(",").strip().rstrip("/") for u in _NEXT_HTTP_URL.split(text.strip()))
+    return tuple(u for u in urls if u) or ("",)
+
+
 @dataclass(frozen=True)
 class ManagementEndpoint:
     url: str
+    """The management API's base URL, or a cluster's nodes as a list (the probe asks the next
+    node when one does not answer: every node serves the whole cluster's queues)."""
     username: str
     password: str = field(repr=False)
     tls: TlsOptions = TlsOptions()
 
     @property
     def display(self) -> str:
-        parts = urllib.parse.urlsplit(self.url)
-        return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+        shown = []
+        for url in http_urls(self.url):
+            parts = urllib.parse.urlsplit(url)
+            shown.append(f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}")
+        return ",".join(shown)
 
 
 @dataclass(frozen=True)
@@ -307,16 +321,16 @@ class TlsAdapter(requests.adapters.HTTPAdapter):
 
 
 
-def http_get(session: requests.Session, backoff: _Backoff, what: str, url: str, *,
+def http_get(get: Callable[..., requests.Response], backoff: _Backoff, what: str, url: str, *,
              not_found: Callable[[], BrokerError] | None = None, **kwargs: Any) -> requests.Response:
     """GET for a probe of an HTTP endpoint (`what` names it in errors, never with credentials).
 
     Transport errors, 401/403 and other HTTP errors become BrokerError subclasses and count
     in the endpoint's backoff; a 404 raises ``not_found()`` when given (it does not back
     off: a missing vhost is an answer, not an outage). The caller checks the backoff first
-    and marks success."""
+    and marks success. `get` is a session's get (or one that tries a cluster's nodes)."""
     try:
-        resp = session.get(url, **kwargs)
+        resp = get(url, **kwargs)
     except requests.RequestException as exc:
         backoff.failed(type(exc).__name__)
         raise BrokerError(f"{what} unreachable ({type(exc).__name__})") from None
@@ -471,13 +485,31 @@ class ManagementProbe:
         self._fetch_locks: dict[str, threading.Lock] = {}
         self._backoff = _Backoff(clock=clock)
         self.requests = 0
+        self._nodes = http_urls(endpoint.url)
+        self._node = 0   # the node that answered last is asked first
+
+    def _get(self, path: str, **kwargs: Any) -> requests.Response:
+        """GET `path` from the first node that answers (any HTTP status is an answer), beginning
+        with the one that answered last; the last transport error when none does."""
+        failure: requests.RequestException | None = None
+        for step in range(len(self._nodes)):
+            node = (self._node + step) % len(self._nodes)
+            try:
+                resp = self._session.get(self._nodes[node] + path, **kwargs)
+            except requests.RequestException as exc:
+                failure = exc
+                continue
+            self._node = node
+            return resp
+        assert failure is not None
+        raise failure
 
     def _get_queues(self, vhost: str, params: Mapping[str, str]) -> list[dict[str, Any]]:
         """One GET of a vhost's queue list; every failure is a BrokerError (blind)."""
-        url = f"{self.endpoint.url.rstrip('/')}/api/queues/{urllib.parse.quote(vhost, safe='')}"
+        path = f"/api/queues/{urllib.parse.quote(vhost, safe='')}"
         self._backoff.check(self.endpoint.display)
         self.requests += 1
-        resp = http_get(self._session, self._backoff, f"management API {self.endpoint.display}", url,
+        resp = http_get(self._get, self._backoff, f"management API {self.endpoint.display}", path,
                         not_found=lambda: QueueNotFound(f"vhost {vhost!r} not found on {self.endpoint.display}"),
                         params=dict(params), timeout=self.timeout, verify=self._verify)
         try:
@@ -502,9 +534,8 @@ class ManagementProbe:
         self._backoff.check(self.endpoint.display)
         try:
             self.requests += 1
-            resp = self._session.get(f"{self.endpoint.url.rstrip('/')}/api/overview",
-                                     params={"columns": "disable_stats,rabbitmq_version"}, timeout=self.timeout,
-                                     verify=self._verify)
+            resp = self._get("/api/overview", params={"columns": "disable_stats,rabbitmq_version"},
+                             timeout=self.timeout, verify=self._verify)
             overview = resp.json() if resp.status_code == 200 else {}
         except (requests.RequestException, ValueError):
             overview = {}  # the queue listing that follows reports the failure

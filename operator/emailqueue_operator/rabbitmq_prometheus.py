@@ -414,7 +414,7 @@ class PrometheusProbe:
 
         self._backoff.check(display)
         self.requests += 1
-        resp = http_get(self._session, self._backoff, f"Prometheus endpoint {display}", self.endpoint.metrics_url,
+        resp = http_get(self._session.get, self._backoff, f"Prometheus endpoint {display}", self.endpoint.metrics_url,
                         not_found=not_found, timeout=self.timeout, verify=self._verify,
                         params={"vhost": vhost, "family": list(self.families())})
         try:

@@ -25,6 +25,7 @@ from email_worker.publisher import Publisher, PublishError
 from email_worker.smtp import SmtpConfig
 from email_worker.topology import declare
 from email_worker.worker import Worker, WorkerConfig
+from emailqueue_operator.rabbitmq import BrokerError, ManagementEndpoint, ManagementProbe
 from emailqueue_testbed import rabbit, rabbit_cluster, state
 
 from .test_broker_crash import DOMAIN, TOPOLOGY, Mailbox, job_id, wait_for
@@ -63,6 +64,14 @@ def _leader(cluster: state.Record, vhost: str, queue: str) -> dict[str, Any]:
         if info.get("leader"):
             return info
     return {}
+
+
+def _reads(probe: ManagementProbe, vhost: str) -> bool:
+    try:
+        probe.queue_stats(vhost, TOPOLOGY.work_queue)
+    except BrokerError:
+        return False  # blind (a node down, counts not yet there): never a zero
+    return True
 
 
 class _Load(threading.Thread):
@@ -119,13 +128,23 @@ def test_quorum_leader_sigkilled_under_load_loses_nothing(cluster: state.Record,
     threads = [threading.Thread(target=w.run, daemon=True) for w in workers]
     for thread in threads:
         thread.start()
+    # The operator's management probe, given the nodes with the one to be killed first.
+    facts = cluster.facts["nodes"]
+    order = [leader, *(i for i in range(len(facts)) if i != leader)]
+    probe = ManagementProbe(ManagementEndpoint(", ".join(facts[i]["mgmt_url"] for i in order), facts[0]["user"],
+                                               facts[0]["password"]), cache_seconds=0)
     load = _Load(urls)
     load.start()
     killed_at = None
+    seen_after_kill = None
     try:
         wait_for(lambda: len(load.accepted) >= EMAILS // 4 and len(smtp.accepted) >= 20, 60, "mail flowing")
+        wait_for(lambda: _reads(probe, vhost), 30, "the management probe reading the queue")
         rabbit_cluster.kill(cluster, leader)
-        killed_at = len(load.accepted)
+        killed_at, kill_time = len(load.accepted), time.monotonic()
+        # Through a surviving node, once the new leader's counts reach its statistics (blind until then).
+        wait_for(lambda: _reads(probe, vhost), 30, "the management probe reading the queue through a survivor")
+        seen_after_kill = time.monotonic() - kill_time
         wait_for(lambda: _leader(cluster, vhost, TOPOLOGY.work_queue).get("leader") != queue["leader"], 60,
                  "a new leader on a surviving node")
         time.sleep(5)  # mail flows on two nodes for a while
@@ -143,15 +162,19 @@ def test_quorum_leader_sigkilled_under_load_loses_nothing(cluster: state.Record,
             worker.stop()
         for thread in threads:
             thread.join(30)
+        probe.close()
         if not rabbit_cluster.node_healthy(cluster, leader):
             rabbit_cluster.start(cluster, leader)
 
     counts = Counter(job_id(m) for m in smtp.accepted)
     lost = sorted(set(load.accepted) - set(counts))
     duplicates = sum(counts.values()) - len(counts)
-    shown = (f"leader node {leader} killed after {killed_at} accepted; accepted {len(load.accepted)}, "
+    shown = (f"leader node {leader} killed after {killed_at} accepted; the operator's probe read the queue again "
+             f"{seen_after_kill if seen_after_kill is None else round(seen_after_kill, 1)} s after; "
+             f"accepted {len(load.accepted)}, "
              f"publish errors {load.errors}, delivered {len(counts)}, duplicates {duplicates}, lost {lost[:10]}")
     print(shown)  # the figures, with -s
     assert killed_at is not None and killed_at < EMAILS, shown
+    assert seen_after_kill is not None, shown
     assert len(load.accepted) == EMAILS and not lost, shown
     assert duplicates <= 20, shown
