@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import conditions, kube
@@ -122,8 +122,7 @@ def amqp_endpoint(spec: EmailQueueSpec, namespace: str, secrets: kube.SecretCach
         endpoint = AmqpEndpoint.from_uri(kube.secret_value(data, namespace, ref.name, ref.uri_key), tls)
         # spec.broker.vhost, when set, wins over the URI's (as KEDA's vhostName does).
         if spec.broker.vhost is not None and spec.broker.vhost != endpoint.vhost:
-            endpoint = AmqpEndpoint(endpoint.host, endpoint.port, spec.broker.vhost, endpoint.username,
-                                    endpoint.password, endpoint.tls)
+            endpoint = replace(endpoint, vhost=spec.broker.vhost)
         return endpoint
     host = kube.secret_value(data, namespace, ref.name, ref.host_key or "host")
     port_text = kube.secret_value(data, namespace, ref.name, ref.port_key) if ref.port_key else ""

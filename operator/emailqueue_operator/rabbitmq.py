@@ -18,7 +18,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar, cast
 
 import pika
@@ -27,6 +27,7 @@ import requests
 import requests.adapters
 
 from email_worker.backoff import Backoff
+from email_worker.brokers import split_urls
 
 AMQP_DEFAULT_PORT = 5672
 AMQPS_DEFAULT_PORT = 5671
@@ -73,14 +74,30 @@ class AmqpEndpoint:
     username: str
     password: str = field(repr=False)
     tls: TlsOptions = TlsOptions()
+    others: tuple[tuple[str, int], ...] = ()
+    """A cluster's further nodes (host, port): same user, password and vhost; tried in turn."""
+
+    @property
+    def nodes(self) -> tuple[tuple[str, int], ...]:
+        return ((self.host, self.port), *self.others)
 
     @property
     def display(self) -> str:
-        return f"{self.host}:{self.port}/{self.vhost}"
+        return ",".join(f"{host}:{port}" for host, port in self.nodes) + f"/{self.vhost}"
 
     @classmethod
     def from_uri(cls, uri: str, tls: TlsOptions | None = None) -> AmqpEndpoint:
-        """Parse amqp[s]://user:pass@host:port/vhost (user and password percent-encoded)."""
+        """Parse amqp[s]://user:pass@host:port/vhost (user and password percent-encoded), or a
+        cluster's nodes as a list of such URIs (the first one's user, password and vhost)."""
+        try:
+            uris = split_urls(uri)
+        except ValueError:
+            raise BrokerError("the AMQP URI must look like amqp://user:password@host:5672/vhost") from None
+        first = cls._from_one(uris[0], tls)
+        return replace(first, others=tuple(cls._from_one(more, tls).nodes[0] for more in uris[1:]))
+
+    @classmethod
+    def _from_one(cls, uri: str, tls: TlsOptions | None) -> AmqpEndpoint:
         try:
             parts = urllib.parse.urlsplit(uri.strip())
             port = parts.port
@@ -376,19 +393,22 @@ class AmqpProbe:
         self._channel: Any | None = None  # a pika BlockingChannel (pika ships no types)
         self._backoff = _Backoff()
         self.connects = 0  # how many connections were opened (for tests and benchmarks)
+        self._failed_connects = 0
 
-    def _parameters(self) -> pika.ConnectionParameters:
+    def _parameters(self) -> list[pika.ConnectionParameters]:
+        """One set per node, beginning after the node of the last failed attempt (pika tries them in turn)."""
         ep = self.endpoint
-        ssl_options = None
         ctx = ep.tls.context()
-        if ctx is not None:
-            ssl_options = pika.SSLOptions(ctx, ep.tls.server_name or ep.host)
-        return pika.ConnectionParameters(
-            host=ep.host, port=ep.port, virtual_host=ep.vhost,
+        nodes = ep.nodes
+        start = self._failed_connects % len(nodes)
+        return [pika.ConnectionParameters(
+            host=host, port=port, virtual_host=ep.vhost,
             credentials=pika.PlainCredentials(ep.username, ep.password),
-            ssl_options=ssl_options, heartbeat=30, blocked_connection_timeout=self.timeout,
+            ssl_options=None if ctx is None else pika.SSLOptions(ctx, ep.tls.server_name or host),
+            heartbeat=30, blocked_connection_timeout=self.timeout,
             socket_timeout=self.timeout, stack_timeout=self.timeout * 2, connection_attempts=1,
             client_properties={"connection_name": "emailqueue-operator"})
+            for host, port in (*nodes[start:], *nodes[:start])]
 
     def _connect(self) -> Any:
         """A new connection (and channel), or BrokerError; returns the connection."""
@@ -406,6 +426,7 @@ class AmqpProbe:
             raise BrokerAuthError(f"broker {self.endpoint.display}: access to the vhost denied") from None
         except (pika.exceptions.AMQPError, OSError) as exc:
             self._backoff.failed(type(exc).__name__)
+            self._failed_connects += 1
             raise BrokerError(f"broker {self.endpoint.display} unreachable ({type(exc).__name__})") from None
         self._backoff.succeeded()
         return connection

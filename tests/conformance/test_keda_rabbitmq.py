@@ -628,7 +628,7 @@ def test_connection_name() -> None:
     # DEVIATION (TestConnectionName: keda-<namespace>-<name>, one AMQP connection per ScaledObject): one shared
     # connection per broker endpoint serves every EmailQueue, so it is named after the operator.
     probe = AmqpProbe(AmqpEndpoint("rabbit", 5672, "/", "u", "p"))
-    assert probe._parameters().client_properties["connection_name"] == "emailqueue-operator"
+    assert probe._parameters()[0].client_properties["connection_name"] == "emailqueue-operator"
 
 
 # --------------------------------------------------------------------------- activity

@@ -25,14 +25,14 @@ from email_worker.publisher import Publisher, PublishError
 from email_worker.smtp import SmtpConfig
 from email_worker.topology import declare
 from email_worker.worker import Worker, WorkerConfig
-from emailqueue_operator.rabbitmq import BrokerError, ManagementEndpoint, ManagementProbe
+from emailqueue_operator.rabbitmq import AmqpEndpoint, AmqpProbe, BrokerError, ManagementEndpoint, ManagementProbe
 from emailqueue_testbed import rabbit, rabbit_cluster, state
 
 from .test_broker_crash import DOMAIN, TOPOLOGY, Mailbox, job_id, wait_for
 
 pytestmark = pytest.mark.integration
 
-EMAILS = 400
+EMAILS = 600
 RATE = 40.0   # emails/s published
 
 
@@ -66,9 +66,12 @@ def _leader(cluster: state.Record, vhost: str, queue: str) -> dict[str, Any]:
     return {}
 
 
-def _reads(probe: ManagementProbe, vhost: str) -> bool:
+def _reads(probe: ManagementProbe | AmqpProbe, vhost: str) -> bool:
     try:
-        probe.queue_stats(vhost, TOPOLOGY.work_queue)
+        if isinstance(probe, AmqpProbe):
+            probe.queue_depth(TOPOLOGY.work_queue)
+        else:
+            probe.queue_stats(vhost, TOPOLOGY.work_queue)
     except BrokerError:
         return False  # blind (a node down, counts not yet there): never a zero
     return True
@@ -133,18 +136,20 @@ def test_quorum_leader_sigkilled_under_load_loses_nothing(cluster: state.Record,
     order = [leader, *(i for i in range(len(facts)) if i != leader)]
     probe = ManagementProbe(ManagementEndpoint(", ".join(facts[i]["mgmt_url"] for i in order), facts[0]["user"],
                                                facts[0]["password"]), cache_seconds=0)
+    amqp_probe = AmqpProbe(AmqpEndpoint.from_uri(", ".join(rabbit_cluster.amqp_urls(cluster, vhost)[i] for i in order)))
     load = _Load(urls)
     load.start()
     killed_at = None
     seen_after_kill = None
     try:
         wait_for(lambda: len(load.accepted) >= EMAILS // 4 and len(smtp.accepted) >= 20, 60, "mail flowing")
-        wait_for(lambda: _reads(probe, vhost), 30, "the management probe reading the queue")
+        wait_for(lambda: _reads(probe, vhost) and _reads(amqp_probe, vhost), 30, "the operator's probes reading")
         rabbit_cluster.kill(cluster, leader)
         killed_at, kill_time = len(load.accepted), time.monotonic()
         # Through a surviving node, once the new leader's counts reach its statistics (blind until then).
         wait_for(lambda: _reads(probe, vhost), 30, "the management probe reading the queue through a survivor")
         seen_after_kill = time.monotonic() - kill_time
+        wait_for(lambda: _reads(amqp_probe, vhost), 30, "the AMQP probe reading the queue through a survivor")
         wait_for(lambda: _leader(cluster, vhost, TOPOLOGY.work_queue).get("leader") != queue["leader"], 60,
                  "a new leader on a surviving node")
         time.sleep(5)  # mail flows on two nodes for a while
@@ -163,6 +168,7 @@ def test_quorum_leader_sigkilled_under_load_loses_nothing(cluster: state.Record,
         for thread in threads:
             thread.join(30)
         probe.close()
+        amqp_probe.close()
         if not rabbit_cluster.node_healthy(cluster, leader):
             rabbit_cluster.start(cluster, leader)
 

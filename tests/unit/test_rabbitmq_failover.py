@@ -61,3 +61,18 @@ def test_every_node_down_is_blind_not_empty() -> None:
     probe, _ = _probe(down={"http://rmq-0:15672", "http://rmq-1:15672", "https://rmq-2:15671"})
     with pytest.raises(BrokerError, match="unreachable"):
         probe.queue_stats("/", "emails")
+
+
+def test_an_amqp_uri_list_is_one_endpoint_over_the_nodes() -> None:
+    from emailqueue_operator.rabbitmq import AmqpEndpoint, AmqpProbe
+
+    endpoint = AmqpEndpoint.from_uri("amqp://app:s%2Cx@rmq-0/mail, amqp://app:s%2Cx@rmq-1:5673/mail")
+    assert endpoint.nodes == (("rmq-0", 5672), ("rmq-1", 5673))
+    assert (endpoint.username, endpoint.password, endpoint.vhost) == ("app", "s,x", "mail")
+    assert endpoint.display == "rmq-0:5672,rmq-1:5673/mail" and "s,x" not in repr(endpoint)
+    probe = AmqpProbe(endpoint)
+    assert [(p.host, p.port) for p in probe._parameters()] == [("rmq-0", 5672), ("rmq-1", 5673)]
+    probe._failed_connects = 1  # after a failed attempt the next begins at the next node
+    assert [p.host for p in probe._parameters()] == ["rmq-1", "rmq-0"]
+    with pytest.raises(BrokerError):
+        AmqpEndpoint.from_uri("amqp://h0/v, http://h1:15672/")
