@@ -397,6 +397,9 @@ def section_operator(data: dict[str, Any]) -> list[str]:
         if per_minute:
             lines += ["", f"Apiserver requests per minute at {r['emailqueues']} EmailQueues, by verb and resource: "
                       + ", ".join(f"{k} {_f(v, 1)}" for k, v in per_minute.items()) + "."]
+        if r.get("environment"):
+            lines += ["", f"{r['emailqueues']}: operator environment "
+                      + ", ".join(f"`{k}={v}`" for k, v in r["environment"].items()) + "."]
         if r.get("note"):
             lines += ["", f"{r['emailqueues']}: {r['note']} ({r.get('memory_profile')})."]
     lines += ["", "Goals met: " + "; ".join(

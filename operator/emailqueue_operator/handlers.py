@@ -278,12 +278,11 @@ async def scale_loop(loop: ScaleLoop) -> None:
                 conditions_now = list(status.get("conditions") or [])
                 written, written_at, next_at, leading = None, float("-inf"), aio.time(), True
                 del status
-            CONTEXT.metrics.poll_lag.observe(max(0.0, aio.time() - next_at))
             # Our own last status, not the watched one: the watch may lag behind our patch.
             snapshot = {"metadata": dict(body.get("metadata") or {}), "spec": dict(body.get("spec") or {}),
                         "status": {"conditions": conditions_now}}
             try:
-                result = await asyncio.to_thread(poll, snapshot, state, CONTEXT, claims)
+                result = await asyncio.to_thread(_started_poll, next_at, snapshot, state, claims)
             except Exception as exc:  # a bug past gather's guard: report it, keep the loop alive
                 log.exception("%s/%s: poll failed unexpectedly", namespace, name)
                 kopf.exception(cast(kopf.Body, body), reason="PollFailed", message=f"{type(exc).__name__}: {exc}")
@@ -319,6 +318,14 @@ async def scale_loop(loop: ScaleLoop) -> None:
         CLAIMS.release(claimed, name)
         CONTEXT.metrics.forget(namespace, name)
         CONTEXT.specs.forget(uid)
+
+
+def _started_poll(scheduled: float, body: Mapping[str, Any], state: PolicyState,
+                  claims: list[tuple[str, str]]) -> PollResult:
+    """One poll in a worker thread; its lag is measured here, when it starts, not when the
+    loop hands it to the executor: with every thread busy, the wait is in the executor's queue."""
+    CONTEXT.metrics.poll_lag.observe(max(0.0, time.monotonic() - scheduled))  # loop.time() is monotonic
+    return poll(body, state, CONTEXT, claims)
 
 
 async def _sleep(stopped: asyncio.Event, seconds: float) -> None:
