@@ -341,7 +341,8 @@ class Reflector(Generic[V]):
                     self.synced.clear()
                     self.error = message
                     self.attempted.set()
-                    self.stopped.wait(backoff_delay(failures, min(0.5, self._backoff_cap), self._backoff_cap, jitter=0.2))
+                    base = min(0.5, self._backoff_cap)
+                    self.stopped.wait(backoff_delay(failures, base, self._backoff_cap, jitter=0.2))
                 # else: one immediate relist decides whether the copy is still current
 
 
