@@ -13,8 +13,9 @@ observation (blind: hold, then fallback; never a scale-down), never as zero.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from . import conditions
 from .conditions import Condition
@@ -82,7 +83,7 @@ class Plan:
 
 
 def iso(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def paused_replicas(annotations: Mapping[str, str]) -> int | None:

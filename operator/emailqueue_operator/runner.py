@@ -58,7 +58,10 @@ def run_operator(namespaces: list[str], metrics_port: int, health_port: int, log
                  election: ElectionSettings | None = None) -> int:
     configure_logging(log_format, verbose)
 
-    from . import handlers  # noqa: F401  (registers the kopf handlers)
+    from . import handlers  # registers the kopf handlers
+
+    # Cluster-wide: one watch per kind for every namespace, not one per namespace holding EmailQueues.
+    handlers.TARGETS.cluster_wide = not namespaces
 
     if metrics_port:
         start_http_server(metrics_port)
