@@ -190,8 +190,9 @@ def _scale_words(spec: EmailQueueSpec, decision: Decision, current: int, desired
         return "", ""
     if spec.dry_run:
         return "DryRun", f"would scale {current} → {desired}: {decision.reason}"
-    verb = "Paused" if spec.paused else ("ScaledUp" if desired > current else "ScaledDown")
-    return verb, f"{current} → {desired} replicas: {decision.reason}"
+    if spec.paused:  # only the paused-replicas annotation moves a paused target
+        return "Paused", f"{current} → {desired} replicas: paused at {PAUSED_REPLICAS_ANNOTATION}={desired}"
+    return ("ScaledUp" if desired > current else "ScaledDown"), f"{current} → {desired} replicas: {decision.reason}"
 
 
 def _conditions(spec: EmailQueueSpec, facts: Facts, obs: Observation, stats: QueueStats | Failure,

@@ -130,7 +130,11 @@ def test_paused_holds_at_annotation(kube_env, namespace, vhost, start_operator):
     start_operator(namespace)
     _publish(vhost, 100)
     wait_for(lambda: _replicas(kube_env, namespace) == 2, 30, "the paused replica count")
-    assert _condition(kube_env, namespace, "Paused")["status"] == "True"
+    # The status is written after the /scale patch: wait for it rather than race it.
+    wait_for(lambda: (_condition(kube_env, namespace, "Paused") or {}).get("status") == "True", 15,
+             "the Paused condition")
+    wait_for(lambda: any(e.get("reason") == "Paused" and "paused at emailqueue.dev/paused-replicas=2" in e["message"]
+                         for e in get_json(kube_env, namespace, "events")["items"]), 15, "the Paused event")
     time.sleep(6)
     assert _replicas(kube_env, namespace) == 2
 
