@@ -27,7 +27,7 @@ import requests
 import requests.adapters
 
 from email_worker.backoff import Backoff
-from email_worker.brokers import split_urls
+from email_worker.brokers import split_urls, url_list
 
 AMQP_DEFAULT_PORT = 5672
 AMQPS_DEFAULT_PORT = 5671
@@ -115,13 +115,9 @@ class AmqpEndpoint:
                    password=urllib.parse.unquote(parts.password or "guest"), tls=tls)
 
 
-_NEXT_HTTP_URL = re.compile(r"[\s,]+(?=https?://)", re.IGNORECASE)
-
-
 def http_urls(text: str) -> tuple[str, ...]:
     """The base URLs in `text`: one, or a cluster's nodes separated by commas or whitespace."""
-    urls = tuple(u.strip().rstrip(",").strip().rstrip("/") for u in _NEXT_HTTP_URL.split(text.strip()))
-    return tuple(u for u in urls if u) or ("",)
+    return tuple(url.rstrip("/") for url in url_list(text)) or ("",)
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,16 @@ _NEXT_URL = re.compile(r"[\s,]+(?=[a-z][a-z0-9+.-]*://)", re.IGNORECASE)  # wher
 _SCHEME = re.compile(r"^amqps?://", re.IGNORECASE)
 
 
+def url_list(text: str) -> tuple[str, ...]:
+    """The URLs in `text` (one, or several separated by commas or whitespace), in order, split only
+    where the next URL's scheme begins; empty parts dropped. Any scheme: callers check theirs."""
+    parts = (part.strip().rstrip(",").strip() for part in _NEXT_URL.split(text.strip()))
+    return tuple(part for part in parts if part)
+
+
 def split_urls(text: str) -> tuple[str, ...]:
     """The broker URLs in `text`, in order; ValueError when there is none or one is not AMQP."""
-    urls = tuple(part.strip().rstrip(",").strip() for part in _NEXT_URL.split(text.strip()))
-    urls = tuple(url for url in urls if url)
+    urls = url_list(text)
     if not urls:
         raise ValueError("no broker URL given")
     for url in urls:
