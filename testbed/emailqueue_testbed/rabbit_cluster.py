@@ -8,10 +8,13 @@ Quorum queues declared on it are replicated on all three nodes (the initial grou
 defaults to the cluster's size).
 
 `kill(i)` SIGKILLs one node (the leader of a quorum queue, say) and `start(i)` brings it back on
-the same ports and data; `down` stops every process it started. Nothing leaves loopback.
+the same ports and data; `freeze(i)`/`thaw(i)` SIGSTOP/SIGCONT one (it stops answering clients and
+peers alike, as a node cut off by the network does); `down` stops every process it started.
+Nothing leaves loopback.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -140,6 +143,17 @@ def kill(record: state.Record, index: int) -> None:
         raise state.TestbedError(f"node {index} (pid {pid}) survived SIGKILL")
 
 
+def freeze(record: state.Record, index: int) -> None:
+    """SIGSTOP node `index`: its sockets stay open but nothing answers, to clients or to its peers
+    (what a node cut off by the network looks like from both sides); `thaw` resumes it."""
+    os.killpg(record.pids[1 + index], signal.SIGSTOP)
+
+
+def thaw(record: state.Record, index: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(record.pids[1 + index], signal.SIGCONT)
+
+
 def index_of(record: state.Record, node_name: str) -> int:
     """Which node (0..n-1) has this Erlang node name (e.g. a quorum queue's `leader`)."""
     return [facts["node"] for facts in record.facts["nodes"]].index(node_name)
@@ -151,6 +165,8 @@ def down(component: str = COMPONENT) -> bool:
         return False
     for pid in reversed(record.pids):
         if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGCONT)   # a frozen node cannot act on SIGTERM
             state.kill_group(pid, timeout=0.5)  # throwaway nodes: their data goes with them
     base = record.facts.get("base")
     stopped = state.stop(component)

@@ -6,6 +6,8 @@ benchmarks in other processes can read messages and inject faults:
 
     GET  /messages        every recorded message (mail_from, rcpt_tos, data, message_id)
     GET  /count           {"count": N}
+    GET  /receipts?since=K  [[message_id, received_at], ...] of messages K, K+1, ... (incremental reads
+                          for long runs: 100,000 messages are not fetched again every second)
     POST /clear           forget messages, faults and delay
     POST /faults/clear    end every fault (messages are kept)
     POST /fault           {"code": 451, "message": "...", "count": N, "seconds": S, "recipients": [...]}
@@ -20,6 +22,7 @@ import email.policy
 import json
 import threading
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -100,7 +103,11 @@ def _control_handler(recorder: Recorder):
             self.wfile.write(body)
 
         def do_GET(self) -> None:
+            url = urllib.parse.urlsplit(self.path)
             with recorder.lock:
+                if url.path == "/receipts":
+                    since = int((urllib.parse.parse_qs(url.query).get("since") or ["0"])[0])
+                    return self._reply([[m["message_id"], m["received_at"]] for m in recorder.messages[since:]])
                 if self.path == "/messages":
                     return self._reply(list(recorder.messages))
                 if self.path == "/count":
@@ -164,6 +171,10 @@ class SmtpControl:
 
     def count(self) -> int:
         return self._call("GET", "/count")["count"]
+
+    def receipts(self, since: int = 0) -> list[tuple[str, float]]:
+        """(Message-ID, received_at) of the messages recorded after the first `since`, in order."""
+        return [(str(m), float(t)) for m, t in self._call("GET", f"/receipts?since={int(since)}")]
 
     def clear(self) -> None:
         self._call("POST", "/clear", {})

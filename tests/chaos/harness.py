@@ -84,6 +84,8 @@ class LoadPlan:
     retry_tiers: str = "2s,5s"
     max_retries: int = 20
     """Temporary failures tolerated: 20 × 5 s outlasts the 4xx windows injected here."""
+    publishers: int = 1
+    """Publisher threads, each with its own connection (one confirm round trip at a time each)."""
 
     @property
     def total(self) -> int:
@@ -109,6 +111,12 @@ class ChaosStack(DemoStack):
         super().__init__(load.surge_plan(name), endpoints, out_dir, say=lambda text: None)
         self.load = load
         self.operator_restarts = 0
+        self.receipt_cache: list[tuple[str, float]] = []
+        self.receipts_read = 0
+
+    def publisher_url(self) -> str:
+        """Where the load's publishers connect (a node list on a cluster)."""
+        return self.amqp_url
 
     def worker_env(self) -> dict[str, str]:
         # As DemoStack's, plus retry tiers short enough for an SMTP outage to resolve in the test.
@@ -206,6 +214,7 @@ class LoadRun:
     accepted: dict[str, float] = field(default_factory=dict)   # job id → wall clock when confirmed
     attempted: set[str] = field(default_factory=set)
     publish_errors: int = 0
+    publish_error_kinds: Counter[str] = field(default_factory=Counter)
     receipts: list[tuple[str, float]] = field(default_factory=list)
     dead: list[tuple[str, str, str]] = field(default_factory=list)
     ticks: list[Tick] = field(default_factory=list)
@@ -215,36 +224,44 @@ class LoadRun:
 
 
 class _Publisher(threading.Thread):
-    """Publishes the load with confirms; a failed publish is retried with the same id."""
+    """Publishes its share of the load with confirms; a failed publish is retried with the same id.
 
-    def __init__(self, load: LoadPlan, amqp_url: str, run_id: str, run: LoadRun, stop: threading.Event) -> None:
-        super().__init__(name="chaos-publisher", daemon=True)
+    Publisher `shard` of `shards` takes sequence numbers shard, shard + shards, ... at rate/shards.
+    """
+
+    def __init__(self, load: LoadPlan, amqp_url: str, run_id: str, run: LoadRun, stop: threading.Event,
+                 shard: int = 0, shards: int = 1) -> None:
+        super().__init__(name=f"chaos-publisher-{shard}", daemon=True)
         self.load, self.amqp_url, self.run_id, self.run_, self.stop_event = load, amqp_url, run_id, run, stop
+        self.shard, self.shards = shard, shards
         self.finished = threading.Event()
 
     def run(self) -> None:
         from email_worker.publisher import Publisher, PublishError
 
         origin = time.monotonic()
-        seq = 0
+        mine = range(self.shard, self.load.total, self.shards)
+        index = 0
         try:
             with Publisher(self.amqp_url, queue=QUEUE, app_id="emailqueue-chaos") as publisher:
-                while not self.stop_event.is_set() and seq < self.load.total:
-                    due = min(self.load.total, int((time.monotonic() - origin) * self.load.rate))
-                    while seq < due and not self.stop_event.is_set():
+                while not self.stop_event.is_set() and index < len(mine):
+                    due = min(len(mine), int((time.monotonic() - origin) * self.load.rate / self.shards))
+                    while index < due and not self.stop_event.is_set():
+                        seq = mine[index]
                         job_id = f"{self.run_id}-{seq:06d}"
                         self.run_.attempted.add(job_id)
                         try:
                             publisher.publish({"id": job_id, "to": LoadPlan.recipient(seq, self.load.recipients),
                                                "from": "Chaos <chaos@emailqueue.dev>", "subject": f"chaos #{seq}",
                                                "text": "fault injection\n"})
-                        except PublishError:
+                        except PublishError as exc:
                             # Not accepted (yet): the application would retry, and so do we.
                             self.run_.publish_errors += 1
+                            self.run_.publish_error_kinds[type(exc).__name__] += 1
                             self.stop_event.wait(0.5)
                             continue
                         self.run_.accepted[job_id] = time.time()
-                        seq += 1
+                        index += 1
                     self.stop_event.wait(0.02)
         finally:
             self.finished.set()
@@ -256,10 +273,12 @@ def run_load(stack: ChaosStack, faults: Sequence[Fault] = (), drain_timeout: flo
     load = stack.load
     run = LoadRun(load)
     stop = threading.Event()
-    publisher = _Publisher(load, stack.amqp_url, stack.run_id, run, stop)
+    publishers = [_Publisher(load, stack.publisher_url(), stack.run_id, run, stop, shard, load.publishers)
+                  for shard in range(load.publishers)]
     run.started_at = time.time()
     origin = time.monotonic()
-    publisher.start()
+    for publisher in publishers:
+        publisher.start()
     pending = sorted(faults, key=lambda f: f.at)
     heals: list[tuple[float, Fault]] = []
     workers: list[threading.Thread] = []
@@ -297,7 +316,8 @@ def run_load(stack: ChaosStack, faults: Sequence[Fault] = (), drain_timeout: flo
             run.ticks.append(tick)
             if sample is not None:
                 sample(tick)
-            if publisher.finished.is_set() and not pending and not heals and all(not w.is_alive() for w in workers):
+            published = all(p.finished.is_set() for p in publishers)
+            if published and not pending and not heals and all(not w.is_alive() for w in workers):
                 deadline = deadline or time.monotonic() + drain_timeout
                 dead = stack.dead_count() or 0
                 if tick.received >= len(run.accepted) - dead and tick.backlog == 0 and _all_accounted(stack, run):
@@ -308,7 +328,8 @@ def run_load(stack: ChaosStack, faults: Sequence[Fault] = (), drain_timeout: flo
             time.sleep(max(0.0, 1.0 - (time.monotonic() - origin - t)))
     finally:
         stop.set()
-        publisher.join(15)
+        for publisher in publishers:
+            publisher.join(15)
         for worker in workers:
             worker.join(60)
     run.receipts = _receipts(stack)
@@ -328,13 +349,15 @@ def _all_accounted(stack: ChaosStack, run: LoadRun) -> bool:
 
 
 def _receipts(stack: ChaosStack) -> list[tuple[str, float]]:
+    """(job id, received at) of every email SMTP recorded, read incrementally (long runs record 10^5)."""
     assert stack.smtp is not None
-    receipts = []
-    for message in stack.smtp.messages():
-        job_id = job_id_from_message_id(message.get("message_id", ""))
+    cache = stack.receipt_cache
+    for message_id, received_at in stack.smtp.receipts(since=stack.receipts_read):
+        stack.receipts_read += 1
+        job_id = job_id_from_message_id(message_id)
         if job_id is not None:
-            receipts.append((job_id, float(message["received_at"])))
-    return receipts
+            cache.append((job_id, received_at))
+    return list(cache)
 
 
 def _tick(stack: ChaosStack, run: LoadRun, t: float) -> Tick:
@@ -367,6 +390,7 @@ def figures(run: LoadRun) -> dict[str, Any]:
                  "max_replicas": run.load.max_replicas},
         "published": len(run.accepted),
         "publish_errors": run.publish_errors,
+        "publish_error_kinds": dict(run.publish_error_kinds),
         "delivered": len(delivered),
         "dead_lettered": len(dead_accepted),
         "dead_letter_reasons": dict(Counter(reason for job_id, reason, _ in run.dead if job_id in run.accepted)),
