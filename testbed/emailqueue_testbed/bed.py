@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import kube, prometheus, rabbit, rabbit_cluster, smtp_proc, state
+from . import kube, netlab, prometheus, rabbit, rabbit_cluster, smtp_proc, state
 
 COMPONENTS = ("kube", "rabbitmq", "smtp")
 _UP = {"kube": kube.up, "rabbitmq": rabbit.up, "smtp": smtp_proc.up}
@@ -118,6 +118,7 @@ def down(components: tuple[str, ...] = COMPONENTS) -> list[str]:
                 stopped.append(path.stem)
     if set(components) == set(COMPONENTS):  # the whole test bed: what runs left behind goes too
         stopped += prometheus.down_all()
+        stopped += netlab.down_all()  # network-namespace labs (their gateways forward to broker and SMTP)
     (state.STATE_DIR / "env").unlink(missing_ok=True)
     return stopped
 

@@ -169,6 +169,9 @@ class KubeletConfig:
     command: tuple[str, ...] = WORKER_COMMAND
     """The worker command before worker_args (a fake worker in tests)."""
     pod_prefix: str = "email-worker"
+    probe: Callable[[int], bool] | None = None
+    """Readiness probe given the pod's metrics port (None: GET 127.0.0.1:port/readyz on the host);
+    a NetLab's `ready_probe` for workers run inside its namespace."""
 
 
 @dataclass
@@ -330,7 +333,7 @@ class LocalKubelet:
             with self._lock:
                 pod.phase, pod.proc, pod.metrics_port = PENDING, None, None
                 pod.spawn_at = now + delay
-        elif pod.phase == STARTING and _ready(pod.metrics_port):
+        elif pod.phase == STARTING and self._ready(pod.metrics_port):
             with self._lock:
                 pod.phase = READY
             took = now - pod.created_at
@@ -369,6 +372,11 @@ class LocalKubelet:
         elif pod.term_sent_at is not None and now - pod.term_sent_at > self.config.termination_grace_seconds:
             _signal_group(pod.proc, signal.SIGKILL)
             self._record("kill", pod.name, "grace period over")
+
+    def _ready(self, port: int | None) -> bool:
+        if self.config.probe is None:
+            return _ready(port)
+        return port is not None and self.config.probe(port)
 
     def _report(self) -> None:
         with self._lock:
