@@ -51,7 +51,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -347,13 +347,7 @@ class NetLab:
     # -- probing inside W ----------------------------------------------------------------------
     def http_get(self, port: int, path: str = "/", timeout: float = 2.0) -> tuple[int, bytes]:
         """GET http://127.0.0.1:port/path inside W: (status, body). Raises OSError when nothing answers."""
-        with self._lock:
-            if self._probe_pool is None:
-                self._probe_pool = ThreadPoolExecutor(max_workers=1, initializer=enter_netns,
-                                                      initargs=(self.netns_path,),
-                                                      thread_name_prefix=f"netlab-{self.name}-probe")
-            pool = self._probe_pool
-        return pool.submit(_http_get, port, path, timeout).result(timeout + 5)
+        return self._prober().submit(_http_get, port, path, timeout).result(timeout + 5)
 
     def ready_probe(self, port: int) -> bool:
         """The kubelet's readiness probe for a worker inside W: GET /readyz answers 200."""
@@ -404,13 +398,16 @@ class NetLab:
             except OSError:
                 return False
 
+        return self._prober().submit(connect, self.address(label)).result(10)
+
+    def _prober(self) -> ThreadPoolExecutor:
+        """One thread inside W for probes: a socket per call, no process per call."""
         with self._lock:
             if self._probe_pool is None:
                 self._probe_pool = ThreadPoolExecutor(max_workers=1, initializer=enter_netns,
                                                       initargs=(self.netns_path,),
                                                       thread_name_prefix=f"netlab-{self.name}-probe")
-            pool = self._probe_pool
-        return pool.submit(connect, self.address(label)).result(10)
+            return self._probe_pool
 
 
 def _http_get(port: int, path: str, timeout: float) -> tuple[int, bytes]:
@@ -436,7 +433,7 @@ def _mac(pid: int, inode: int, dev: str) -> str:
     return json.loads(_ip(pid, inode, "-j", "link", "show", "dev", dev))[0]["address"]
 
 
-def _wire(client_pid: int, client_ino: int, gw_pid: int, gw_ino: int, links: Sequence[PathLink] | Any) -> None:
+def _wire(client_pid: int, client_ino: int, gw_pid: int, gw_ino: int, links: Iterable[PathLink]) -> None:
     """Loopbacks up; per path a veth made in W with its peer born in G, addresses, static neighbours."""
     for pid, ino in ((client_pid, client_ino), (gw_pid, gw_ino)):
         _ip(pid, ino, "link", "set", "dev", "lo", "up")
