@@ -50,6 +50,10 @@ class WorkerMetrics:
         self.drain_requeued = Counter("emailworker_emails_drain_requeued",
                                       "Unsent deliveries handed back on a drain or circuit pause as fresh copies "
                                       "(not counted against the delivery limit).", registry=r)
+        self.broker_blocked = Gauge("emailworker_broker_blocked",
+                                    "1 while the broker blocks this worker's connection (RabbitMQ disk or memory "
+                                    "alarm): retry, dead-letter and hand-back copies wait, their deliveries stay "
+                                    "unacked. The reason is in the worker's log.", registry=r)
         self.legacy_topology = Gauge("emailworker_legacy_topology",
                                      "1 while the work queue still has v0.1's arguments (at-most-once "
                                      "dead-lettering): see docs/message-contract.md#migrating-from-v01.", registry=r)

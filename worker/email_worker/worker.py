@@ -25,6 +25,13 @@ breaker (`circuit.py`): the job is handed back, consumption pauses (consumer can
 not ready, `emailworker_smtp_circuit_open` 1) and resumes after a doubling delay; nothing
 is dead-lettered for them.
 
+A resource alarm (RabbitMQ low on disk or memory) blocks the connection at the worker's
+first publish (a retry, dead-letter or hand-back copy): `emailworker_broker_blocked` is 1
+and the worker logs the broker's reason until `connection.unblocked`. The copy's delivery
+stays unacked meanwhile; if the broker keeps the connection blocked for
+`blocked_connection_timeout`, pika drops it and the broker redelivers the original (the
+unconfirmed copy may still be enqueued when the alarm clears: a duplicate, never a loss).
+
 A lost broker connection is re-established with capped exponential backoff;
 deliveries of the dead connection are redelivered by the broker (duplicates are possible,
 recognisable by Message-ID, and are the price of never losing mail).
@@ -61,6 +68,7 @@ from email_worker.message import (
     parse_message,
 )
 from email_worker.metrics import Health, WorkerMetrics, serve_http
+from email_worker.publisher import watch_blocked
 from email_worker.ratelimit import TokenBucket
 from email_worker.routing import DEAD_INVALID, Route, route_failure
 from email_worker.smtp import SmtpConfig, SmtpSender
@@ -201,6 +209,7 @@ class Worker:
         self._in_flight: dict[int, _Delivery] = {}   # main thread only
         self._senders: list[threading.Thread] = []
         self._http: Any = None
+        self._blocked_reason: str | None = None  # the broker's, while it blocks this connection
 
     # -- public -------------------------------------------------------------------------------
 
@@ -317,6 +326,8 @@ class Worker:
         cfg = self.config
         self._generation += 1
         self._in_flight.clear()
+        self._broker_unblocked(connection_ended=True)  # a new connection is blocked only once it publishes
+        watch_blocked(connection, self._broker_blocked, self._broker_unblocked)
         channel = connection.channel()
         channel.confirm_delivery()
         if cfg.declare_topology:
@@ -348,6 +359,23 @@ class Worker:
             if self._consumer_tag is not None and self._consumer_tag not in channel.consumer_tags:
                 raise pika.exceptions.ChannelWrongStateError("consumer cancelled by the broker (queue deleted?)")
         self._drain(connection, channel)
+
+    def _broker_blocked(self, reason: str) -> None:
+        """connection.blocked (runs inside pika's I/O: sets state, logs, calls no pika)."""
+        if self._blocked_reason is None:
+            log.warning("broker blocks publishing (resource alarm): retry and dead-letter copies wait, "
+                        "their deliveries stay unacked", extra={"fields": {
+                            "reason": reason, "broker": brokers.display(self.config.amqp_url),
+                            "blocked_connection_timeout_seconds": self.config.blocked_connection_timeout}})
+        self._blocked_reason = reason
+        self.metrics.broker_blocked.set(1)
+
+    def _broker_unblocked(self, connection_ended: bool = False) -> None:
+        """connection.unblocked, or the blocked connection is gone (nothing is known of the next)."""
+        if self._blocked_reason is not None and not connection_ended:
+            log.info("broker accepts publishes again", extra={"fields": {"reason": self._blocked_reason}})
+        self._blocked_reason = None
+        self.metrics.broker_blocked.set(0)
 
     def _set_readiness(self, consuming: bool) -> None:
         circuit_open = self._circuit.opened_at is not None
@@ -432,8 +460,15 @@ class Worker:
             if item is None:
                 self._jobs.put(None)
                 break
-        log.warning("broker connection lost; reconnecting", extra={"fields": {
-            "error": _describe(exc), "unsettled": lost}})
+        if isinstance(exc, pika.exceptions.ConnectionBlockedTimeout):
+            log.warning("broker kept the connection blocked too long; reconnecting (unacked deliveries are "
+                        "redelivered)", extra={"fields": {
+                            "reason": self._blocked_reason, "unsettled": lost,
+                            "blocked_connection_timeout_seconds": self.config.blocked_connection_timeout}})
+        else:
+            log.warning("broker connection lost; reconnecting", extra={"fields": {
+                "error": _describe(exc), "unsettled": lost}})
+        self._broker_unblocked(connection_ended=True)
         _close_quietly(connection)
 
     def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
