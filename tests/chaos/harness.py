@@ -215,6 +215,7 @@ class LoadRun:
     attempted: set[str] = field(default_factory=set)
     publish_errors: int = 0
     publish_error_kinds: Counter[str] = field(default_factory=Counter)
+    blocked: list[tuple[float, str]] = field(default_factory=list)   # (t, reason) a publisher was blocked
     receipts: list[tuple[str, float]] = field(default_factory=list)
     dead: list[tuple[str, str, str]] = field(default_factory=list)
     ticks: list[Tick] = field(default_factory=list)
@@ -235,6 +236,8 @@ class _Publisher(threading.Thread):
         self.load, self.amqp_url, self.run_id, self.run_, self.stop_event = load, amqp_url, run_id, run, stop
         self.shard, self.shards = shard, shards
         self.finished = threading.Event()
+        self.client: Any = None
+        """The open Publisher (its `blocked` is sampled every tick: a resource alarm is surfaced there)."""
 
     def run(self) -> None:
         from email_worker.publisher import Publisher, PublishError
@@ -244,6 +247,7 @@ class _Publisher(threading.Thread):
         index = 0
         try:
             with Publisher(self.amqp_url, queue=QUEUE, app_id="emailqueue-chaos") as publisher:
+                self.client = publisher
                 while not self.stop_event.is_set() and index < len(mine):
                     due = min(len(mine), int((time.monotonic() - origin) * self.load.rate / self.shards))
                     while index < due and not self.stop_event.is_set():
@@ -314,6 +318,8 @@ def run_load(stack: ChaosStack, faults: Sequence[Fault] = (), drain_timeout: flo
                     apply(fault, fault.heal, "heal")  # type: ignore[arg-type]
             tick = _tick(stack, run, t)
             run.ticks.append(tick)
+            run.blocked += [(tick.t, str(p.client.blocked)) for p in publishers
+                            if p.client is not None and p.client.blocked]
             if sample is not None:
                 sample(tick)
             published = all(p.finished.is_set() for p in publishers)
@@ -391,6 +397,8 @@ def figures(run: LoadRun) -> dict[str, Any]:
         "published": len(run.accepted),
         "publish_errors": run.publish_errors,
         "publish_error_kinds": dict(run.publish_error_kinds),
+        "publisher_blocked_seconds": len({t for t, _ in run.blocked}),
+        "publisher_blocked_reasons": sorted({reason for _, reason in run.blocked}),
         "delivered": len(delivered),
         "dead_lettered": len(dead_accepted),
         "dead_letter_reasons": dict(Counter(reason for job_id, reason, _ in run.dead if job_id in run.accepted)),
