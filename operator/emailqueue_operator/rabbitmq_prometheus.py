@@ -25,6 +25,14 @@ new value, one that vanished adds nothing), and the rate is Δaccumulator/Δt
 (`rates.counter_rate`). So channel churn and broker restarts never produce negative or
 invented rates, and a queue needs two scrapes a window apart before its rates are known.
 
+A cluster: the plugin reports a queue only on the node of its leader (rabbitmq-server#12021),
+so one node's URL is blind whenever the leader is elsewhere and a load-balanced Service flips
+between nodes. The URL may list the nodes (as the management URL does, `rabbitmq.http_urls`):
+`PrometheusClusterProbe` scrapes each in parallel, with its own backoff, and merges
+(`cluster_stats`): the queue is read on the node reporting it (one of two while its leader
+moves), counters are kept per node (`ClusterCounterAccumulator`), and a queue missing while a
+node does not answer is `ClusterBlind`, not `QueueNotFound`.
+
 One scrape per (endpoint, vhost) serves every EmailQueue polled within `cache_seconds`.
 What is not measured is blind, never zero: a queue absent from the scrape is
 `QueueNotFound`, a gauge missing for a present queue, a body that is not Prometheus text,
@@ -40,6 +48,7 @@ import time
 import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import requests
@@ -58,6 +67,7 @@ from .rabbitmq import (
     combine_count,
     combine_counts,
     http_get,
+    http_urls,
     select_queues,
 )
 from .rates import counter_rate
@@ -134,24 +144,33 @@ class PrometheusEndpoint:
     tls: TlsOptions = TlsOptions()
 
     def __post_init__(self) -> None:
-        try:
-            parts = urllib.parse.urlsplit(self.url)
-            parts.port  # noqa: B018 - raises ValueError on a malformed port
-        except ValueError:
-            raise BrokerError("the Prometheus URL is malformed") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise BrokerError("the Prometheus URL must look like http://host:15692")
-        if parts.username is not None or parts.password is not None:
-            # Credentials in the URL would end up in reprs and logs: they belong in the Secret's keys.
-            raise BrokerError("the Prometheus URL must not carry credentials: use usernameKey/passwordKey")
+        for url in http_urls(self.url):
+            try:
+                parts = urllib.parse.urlsplit(url)
+                parts.port  # noqa: B018 - raises ValueError on a malformed port
+            except ValueError:
+                raise BrokerError("the Prometheus URL is malformed") from None
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise BrokerError("the Prometheus URL must look like http://host:15692")
+            if parts.username is not None or parts.password is not None:
+                # Credentials in the URL would end up in reprs and logs: they belong in the Secret's keys.
+                raise BrokerError("the Prometheus URL must not carry credentials: use usernameKey/passwordKey")
 
     @property
     def display(self) -> str:
-        parts = urllib.parse.urlsplit(self.url)
-        return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+        return ",".join(_host_port(url) for url in http_urls(self.url))
 
-    def open_probe(self) -> PrometheusProbe:
-        """A new probe of this endpoint (what `rabbitmq.BrokerPool.prometheus` shares)."""
+    @property
+    def nodes(self) -> tuple[PrometheusEndpoint, ...]:
+        """One endpoint per node URL listed (duplicates dropped), with this one's credentials and TLS."""
+        urls = tuple(dict.fromkeys(http_urls(self.url)))
+        return tuple(PrometheusEndpoint(url, self.username, self.password, self.tls) for url in urls)
+
+    def open_probe(self) -> PrometheusProbe | PrometheusClusterProbe:
+        """A new probe of this endpoint (what `rabbitmq.BrokerPool.prometheus` shares): of the one
+        URL given, or of every node of a cluster when the URL is a list of them."""
+        if len(self.nodes) > 1:
+            return PrometheusClusterProbe(self)
         return PrometheusProbe(self)
 
     @property
@@ -162,6 +181,11 @@ class PrometheusEndpoint:
         if base.endswith("/metrics"):
             return base + "/detailed"
         return base + "/metrics/detailed"
+
+
+def _host_port(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
 
 
 # --- pure: exposition text → per-queue values -----------------------------------------
@@ -191,6 +215,11 @@ class Scrape:
     gauges_declared: bool = True
     """Whether the text declares the queue gauges at all: the plugin does even for a vhost
     without queues; a page that merely parses (an empty body) does not."""
+    unhosted_counters: Mapping[tuple[str, str], Mapping[str, Mapping[SeriesKey, float]]] = field(
+        default_factory=dict)
+    """(vhost, queue) → kind → series, for queues this scrape has counters but no gauges of;
+    kept only when asked (`parse_scrape(..., unhosted_counters=True)`, a cluster's nodes): on
+    3.10 a channel's counters are on the channel's node, the queue's gauges on its leader's."""
 
     @property
     def per_queue_counters(self) -> bool:
@@ -208,8 +237,9 @@ def _declared(families: Iterable[Metric]) -> set[str]:
     return names
 
 
-def parse_scrape(text: str) -> Scrape:
-    """Parse `/metrics/detailed` text into per-(vhost, queue) gauges and counter series.
+def parse_scrape(text: str, unhosted_counters: bool = False) -> Scrape:
+    """Parse `/metrics/detailed` text into per-(vhost, queue) gauges and counter series
+    (and, with `unhosted_counters`, the counter series of queues without gauges here).
 
     Raises ValueError (from prometheus_client's parser or here) on anything that is not
     Prometheus text or lacks the labels the plugin always sets.
@@ -236,19 +266,24 @@ def parse_scrape(text: str) -> Scrape:
                 break
 
     counters: dict[tuple[str, str], dict[str, dict[SeriesKey, float]]] = {q: {k: {} for k in sources} for q in gauges}
+    unhosted: dict[tuple[str, str], dict[str, dict[SeriesKey, float]]] = {}
     for kind, source in sources.items():
         for name in source.samples:
             for labels, value in samples.get(name, ()):
                 queue = _queue_of(labels, source.vhost_label, name)
-                if queue in counters:  # series of queues without gauges (being deleted) are ignored
-                    rest = tuple(sorted((k, v) for k, v in labels.items() if k not in (source.vhost_label, "queue")))
+                rest = tuple(sorted((k, v) for k, v in labels.items() if k not in (source.vhost_label, "queue")))
+                if queue in counters:
                     counters[queue][kind][(name, rest)] = value
+                elif unhosted_counters:
+                    unhosted.setdefault(queue, {k: {} for k in sources})[kind][(name, rest)] = value
+                # else: series of a queue without gauges (being deleted, or hosted elsewhere) are ignored
 
     return Scrape(
         queues={q: QueueMetrics(ready=g.get("ready"), unacked=g.get("unacked"), consumers=g.get("consumers"),
                                 counters=counters[q]) for q, g in gauges.items()},
         counter_families={kind: source.family for kind, source in sources.items()},
-        gauges_declared=all(name in declared for name in GAUGES.values()))
+        gauges_declared=all(name in declared for name in GAUGES.values()),
+        unhosted_counters=unhosted)
 
 
 def _queue_of(labels: Mapping[str, str], vhost_label: str, name: str) -> tuple[str, str]:
@@ -322,8 +357,62 @@ class CounterAccumulator:
         return counter_rate(self.samples(vhost, queue, kind), now, window)
 
 
-def stats_from_scrape(scrape: Scrape, accumulator: CounterAccumulator, vhost: str, names: list[str], how: str,
-                      now: float, window: float, display: str) -> QueueStats:
+@dataclass
+class _NodeTrack:
+    last: Mapping[str, tuple[str, Mapping[SeriesKey, float]]]  # node → (family, its series) at the last scrape
+    history: deque[tuple[float, float]]
+
+
+class ClusterCounterAccumulator:
+    """`CounterAccumulator` for a cluster's nodes scraped together: a queue's counter series are
+    kept per node (the node is part of the series key), so a counter is only ever compared with
+    the same node's previous value. A node's first report of a queue (its leader moved there, the
+    node is back from an outage, a channel on it began publishing on 3.10) is a baseline, not an
+    increase: its value may hold history the previous scrapes never saw, and counting it whole
+    would be a giant rate. A node's series that vanished (the leader left it, the node did not
+    answer) add nothing, so the per-queue total never goes down. The cost is an undercount once,
+    of what the new node counted between the move and its first scrape."""
+
+    def __init__(self, keep_seconds: float = 60.0) -> None:
+        self.keep_seconds = keep_seconds
+        self._tracks: dict[tuple[str, str, str], _NodeTrack] = {}
+
+    def observe(self, t: float, scrapes: Mapping[str, Scrape]) -> None:
+        """One round: node → its scrape, for the nodes that answered."""
+        current: dict[tuple[str, str, str], dict[str, tuple[str, Mapping[SeriesKey, float]]]] = {}
+        for node, scrape in scrapes.items():
+            hosted = ((queue, metrics.counters) for queue, metrics in scrape.queues.items())
+            for (vhost, queue), per_kind in (*hosted, *scrape.unhosted_counters.items()):
+                for kind, series in per_kind.items():
+                    current.setdefault((vhost, queue, kind), {})[node] = (scrape.counter_families[kind], dict(series))
+        for key, by_node in current.items():
+            track = self._tracks.get(key)
+            if track is None:
+                self._tracks[key] = _NodeTrack(by_node, deque([(t, 0.0)]))
+                continue
+            increase = 0.0
+            for node, (family, series) in by_node.items():
+                before = track.last.get(node)
+                if before is not None and before[0] == family:
+                    increase += series_increase(before[1], series)
+            track.last = by_node
+            track.history.append((t, track.history[-1][1] + increase))
+            cutoff = t - self.keep_seconds
+            while len(track.history) > 2 and track.history[1][0] <= cutoff:
+                track.history.popleft()
+        for key in set(self._tracks) - set(current):
+            del self._tracks[key]
+
+    def samples(self, vhost: str, queue: str, kind: str) -> list[tuple[float, float]]:
+        track = self._tracks.get((vhost, queue, kind))
+        return list(track.history) if track else []
+
+    def rate(self, vhost: str, queue: str, kind: str, now: float, window: float) -> float | None:
+        return counter_rate(self.samples(vhost, queue, kind), now, window)
+
+
+def stats_from_scrape(scrape: Scrape, accumulator: CounterAccumulator | ClusterCounterAccumulator, vhost: str,
+                      names: list[str], how: str, now: float, window: float, display: str) -> QueueStats:
     """Aggregate the selected queues of one scrape into one QueueStats (pure)."""
     per_queue = []
     for name in names:
@@ -348,6 +437,73 @@ def stats_from_scrape(scrape: Scrape, accumulator: CounterAccumulator, vhost: st
     return QueueStats(ready=ready, unacked=unacked, consumers=consumers or 0,
                       publish_rate=rate("publish"), ack_rate=rate("ack"), deliver_rate=rate("deliver"),
                       oldest_age_seconds=None, queues=tuple(names), source="prometheus")
+
+
+# --- pure: a cluster's node scrapes → one view ---------------------------------------
+
+class ClusterBlind(BrokerError):
+    """The queue is on no node that answered, and some node did not answer: it may be there
+    (a classic queue on the dead node, a quorum queue before its new leader is elected). Blind,
+    not `QueueNotFound` (which says the queue does not exist)."""
+
+    reason = "NodesUnreachable"
+
+
+def _messages(metrics: QueueMetrics) -> tuple[bool, float]:
+    complete = None not in (metrics.ready, metrics.unacked, metrics.consumers)
+    return complete, (metrics.ready or 0.0) + (metrics.unacked or 0.0)
+
+
+def merge_gauges(scrapes: Mapping[str, Scrape]) -> dict[tuple[str, str], tuple[str, QueueMetrics]]:
+    """(vhost, queue) → (node, its metrics) over a cluster's scrapes (in the nodes' order).
+
+    The plugin reports a queue only on the node of its leader (rabbitmq-server#12021), so a
+    queue is normally on one node. Two nodes report it while the leader moves (the scrapes are
+    not simultaneous) or while a node still holds a stale row: the one taken has all three gauges
+    and the most messages (ready + unacked), the first node in the list on a tie. Never a sum, which
+    would count the queue twice; the highest, because an overstated backlog for a poll at worst
+    scales up early, which the scale-down window absorbs, while an understated one may scale down.
+    """
+    merged: dict[tuple[str, str], tuple[str, QueueMetrics]] = {}
+    for node, scrape in scrapes.items():
+        for key, metrics in scrape.queues.items():
+            taken = merged.get(key)
+            if taken is None or _messages(metrics) > _messages(taken[1]):
+                merged[key] = (node, metrics)
+    return merged
+
+
+def cluster_stats(scrapes: Mapping[str, Scrape], failures: Mapping[str, BrokerError],
+                  accumulator: ClusterCounterAccumulator, vhost: str, queue: str | None, queue_regex: str | None,
+                  how: str, now: float, window: float) -> QueueStats:
+    """QueueStats from one round of a cluster's scrapes (pure): `scrapes` of the nodes that
+    answered, `failures` of those that did not (node → its error), in the nodes' order.
+
+    A queue found on a node that answered is read there, whatever the others did (when a node
+    dies, a quorum queue's new leader on a survivor reports it). Not found: `QueueNotFound` when
+    every node answered, else `ClusterBlind` naming the silent nodes; no node answered: their
+    errors (one class when they agree, e.g. `BrokerAuthError`). A queueRegex aggregates distinct
+    queues, each read from one node.
+    """
+    display = ",".join((*scrapes, *failures))
+    if not scrapes:
+        kinds = {type(exc) for exc in failures.values()}
+        cls = kinds.pop() if len(kinds) == 1 else BrokerError
+        raise cls("no node of the cluster answered: " + "; ".join(str(exc) for exc in failures.values()))
+    merged = merge_gauges(scrapes)
+    try:
+        names = select_queues([q for v, q in merged if v == vhost], queue, queue_regex)
+    except re.error:
+        raise BrokerError(f"queueRegex {queue_regex!r} is not a valid regular expression") from None
+    if not names:
+        what = f"no queue matches {queue_regex!r}" if queue_regex is not None else f"queue {queue!r} not found"
+        if failures:
+            raise ClusterBlind(f"{what} in vhost {vhost!r} on the nodes that answered ({', '.join(scrapes)}); "
+                               f"not answering: {', '.join(failures)} (it may be there; blind until they answer "
+                               "or a survivor reports it)")
+        raise QueueNotFound(f"{what} in vhost {vhost!r} on {display}")
+    chosen = Scrape(queues={key: metrics for key, (_, metrics) in merged.items()}, counter_families={})
+    return stats_from_scrape(chosen, accumulator, vhost, names, how, now, window, display)
 
 
 # --- I/O: the shared probe of one endpoint -------------------------------------------
@@ -429,10 +585,20 @@ class PrometheusProbe:
         if scope.scrape is not None and scope.scraped_at is not None and \
                 self.clock() - scope.scraped_at < self.cache_seconds:
             return scope.scrape
+        scrape = self.read(vhost)
+        now = self.clock()
+        scope.accumulator.keep_seconds = max(60.0, 2 * self._longest_window)
+        scope.accumulator.observe(now, scrape)
+        scope.scrape, scope.scraped_at = scrape, now
+        return scrape
+
+    def read(self, vhost: str, unhosted_counters: bool = False) -> Scrape:
+        """One scrape of the vhost, parsed and checked (no cache, no counters); BrokerError when
+        the endpoint is backing off, unreachable, or sends no usable metrics."""
         text = self._fetch(vhost)
         display = self.endpoint.display
         try:
-            scrape = parse_scrape(text)
+            scrape = parse_scrape(text, unhosted_counters)
         except Exception as exc:  # any parser failure means no trustworthy number (never a 0)
             self._backoff.failed("unparseable metrics")
             raise ScrapeUnparseable(f"Prometheus endpoint {display} did not answer with Prometheus text "
@@ -442,11 +608,7 @@ class PrometheusProbe:
             raise MetricsMissing(f"Prometheus endpoint {display} is missing the queue gauges "
                                  f"({', '.join(GAUGES.values())}): is it RabbitMQ's rabbitmq_prometheus plugin?")
         self._backoff.succeeded()
-        now = self.clock()
         self._per_queue_counters = scrape.per_queue_counters
-        scope.accumulator.keep_seconds = max(60.0, 2 * self._longest_window)
-        scope.accumulator.observe(now, scrape)
-        scope.scrape, scope.scraped_at = scrape, now
         return scrape
 
     def queue_stats(self, vhost: str, queue: str | None = None, queue_regex: str | None = None, how: str = "sum",
@@ -473,3 +635,87 @@ class PrometheusProbe:
     def close(self) -> None:
         self._session.close()
 
+
+
+# --- I/O: the shared probe of a cluster's nodes --------------------------------------
+
+@dataclass
+class _ClusterScope:
+    """One vhost of a cluster: its fetch lock, last round of scrapes and counter history."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    scraped_at: float | None = None
+    scrapes: Mapping[str, Scrape] = field(default_factory=dict)
+    failures: Mapping[str, BrokerError] = field(default_factory=dict)
+    accumulator: ClusterCounterAccumulator = field(default_factory=ClusterCounterAccumulator)
+
+
+class PrometheusClusterProbe:
+    """The Prometheus plugin of every node of a cluster, for a URL that lists them.
+
+    `/metrics/detailed` on a node reports only the queues whose leader is on that node, so one
+    node's URL sees a queue only while its leader is there, and a load-balanced Service flips
+    between nodes. This probe scrapes every node in parallel (one `PrometheusProbe` each: its own
+    session, backoff and `timeout`, so a dead node costs the round at most one timeout and is then
+    skipped while it backs off) and merges the answers with `cluster_stats`. One round per vhost
+    serves every caller within `cache_seconds`, as with one node.
+    """
+
+    def __init__(self, endpoint: PrometheusEndpoint, timeout: float = 5.0, cache_seconds: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.endpoint = endpoint
+        self.cache_seconds = cache_seconds
+        self.clock = clock
+        self.nodes = tuple(PrometheusProbe(node, timeout=timeout, cache_seconds=cache_seconds, clock=clock)
+                           for node in endpoint.nodes)
+        self._pool = ThreadPoolExecutor(max_workers=len(self.nodes), thread_name_prefix="prometheus-node")
+        self._lock = threading.Lock()
+        self._scopes: dict[str, _ClusterScope] = {}
+        self._longest_window = 0.0
+
+    @property
+    def requests(self) -> int:
+        return sum(node.requests for node in self.nodes)
+
+    def _scope(self, vhost: str) -> _ClusterScope:
+        with self._lock:
+            return self._scopes.setdefault(vhost, _ClusterScope())
+
+    def _read(self, node: PrometheusProbe, vhost: str) -> Scrape | BrokerError:
+        try:
+            return node.read(vhost, unhosted_counters=True)
+        except BrokerError as exc:
+            return exc
+
+    def _round(self, vhost: str, scope: _ClusterScope) -> None:
+        """Scrape every node unless the last round is fresh; called with scope.lock held."""
+        if scope.scraped_at is not None and self.clock() - scope.scraped_at < self.cache_seconds:
+            return
+        answers = list(self._pool.map(lambda node: self._read(node, vhost), self.nodes))
+        scrapes: dict[str, Scrape] = {}
+        failures: dict[str, BrokerError] = {}
+        for node, answer in zip(self.nodes, answers, strict=True):
+            if isinstance(answer, Scrape):
+                scrapes[node.endpoint.display] = answer
+            else:
+                failures[node.endpoint.display] = answer
+        now = self.clock()
+        scope.accumulator.keep_seconds = max(60.0, 2 * self._longest_window)
+        if scrapes:
+            scope.accumulator.observe(now, scrapes)
+        scope.scrapes, scope.failures, scope.scraped_at = scrapes, failures, now
+
+    def queue_stats(self, vhost: str, queue: str | None = None, queue_regex: str | None = None, how: str = "sum",
+                    window_seconds: float = 10.0) -> QueueStats:
+        """As `PrometheusProbe.queue_stats`, over the cluster's nodes (see `cluster_stats`)."""
+        self._longest_window = max(self._longest_window, window_seconds)
+        scope = self._scope(vhost)
+        with scope.lock:
+            self._round(vhost, scope)
+            return cluster_stats(scope.scrapes, scope.failures, scope.accumulator, vhost, queue, queue_regex, how,
+                                 self.clock(), window_seconds)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        for node in self.nodes:
+            node.close()
