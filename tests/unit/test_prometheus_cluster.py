@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import requests
 
-from emailqueue_operator.rabbitmq import BrokerAuthError, BrokerError, QueueNotFound
+from emailqueue_operator.poller import prometheus_endpoint
+from emailqueue_operator.rabbitmq import BrokerAuthError, BrokerError, BrokerPool, QueueNotFound
 from emailqueue_operator.rabbitmq_prometheus import (
     PER_CHANNEL_COUNTERS,
     PER_QUEUE_COUNTERS,
@@ -26,7 +27,9 @@ from emailqueue_operator.rabbitmq_prometheus import (
     merge_gauges,
     parse_scrape,
 )
+from emailqueue_operator.spec import parse_spec
 
+from .test_poller_endpoints import Secrets
 from .test_rabbitmq_prometheus import SECRET, _Static
 
 A, B, C = "rabbit-a:15692", "rabbit-b:15692", "rabbit-c:15692"
@@ -301,3 +304,19 @@ def test_probe_rates_across_a_leader_move():
         rates.append(probe.queue_stats("v", "emails", window_seconds=10).ack_rate)
     assert rates == [None, 10.0, 0.0, 10.0]
     probe.close()
+
+
+def test_the_secrets_node_list_gives_the_pool_a_cluster_probe():
+    # The Secret's value as a user writes it (comma and newline separated, trailing slash)
+    spec = parse_spec({"scaleTargetRef": {"name": "w"},
+                       "broker": {"queue": "q", "amqpSecretRef": {"name": "rmq", "uriKey": "uri"},
+                                  "prometheusSecretRef": {"name": "rmq", "urlKey": "prometheus-url"}}})
+    secrets = Secrets({"rmq": {"uri": "amqp://u:p@rabbit/",
+                               "prometheus-url": "http://rmq-0.rmq:15692,\nhttp://rmq-1.rmq:15692/ http://rmq-2.rmq:15692\n"}})
+    endpoint = prometheus_endpoint(spec, "ns", secrets)
+    pool = BrokerPool()
+    probe = pool.prometheus(endpoint)
+    assert isinstance(probe, PrometheusClusterProbe)
+    assert [node.endpoint.display for node in probe.nodes] == ["rmq-0.rmq:15692", "rmq-1.rmq:15692", "rmq-2.rmq:15692"]
+    assert pool.prometheus(prometheus_endpoint(spec, "ns", secrets)) is probe
+    pool.close()
