@@ -483,7 +483,9 @@ def cluster_stats(scrapes: Mapping[str, Scrape], failures: Mapping[str, BrokerEr
     dies, a quorum queue's new leader on a survivor reports it). Not found: `QueueNotFound` when
     every node answered, else `ClusterBlind` naming the silent nodes; no node answered: their
     errors (one class when they agree, e.g. `BrokerAuthError`). A queueRegex aggregates distinct
-    queues, each read from one node.
+    queues, each read from one node; while a node is silent it aggregates what the others report
+    (a quorum queue led there reappears on a survivor within an election; a classic queue hosted
+    only there is unavailable anyway, and left out).
     """
     display = ",".join((*scrapes, *failures))
     if not scrapes:
