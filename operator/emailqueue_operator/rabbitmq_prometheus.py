@@ -25,13 +25,16 @@ new value, one that vanished adds nothing), and the rate is Δaccumulator/Δt
 (`rates.counter_rate`). So channel churn and broker restarts never produce negative or
 invented rates, and a queue needs two scrapes a window apart before its rates are known.
 
-A cluster: the plugin reports a queue only on the node of its leader (rabbitmq-server#12021),
-so one node's URL is blind whenever the leader is elsewhere and a load-balanced Service flips
-between nodes. The URL may list the nodes (as the management URL does, `rabbitmq.http_urls`):
-`PrometheusClusterProbe` scrapes each in parallel, with its own backoff, and merges
-(`cluster_stats`): the queue is read on the node reporting it (one of two while its leader
-moves), counters are kept per node (`ClusterCounterAccumulator`), and a queue missing while a
-node does not answer is `ClusterBlind`, not `QueueNotFound`.
+A cluster: the plugin reports a queue only on the node of its leader (rabbitmq-server#12021;
+on the test bed's 3-node 3.10.8 cluster only the leader's node has a quorum queue's gauges, and
+its 3.10 per-channel counters are on the publishing channel's node, which has no gauge of it:
+tests/integration/test_prometheus_cluster.py), so one node's URL is blind whenever the leader
+is elsewhere and a load-balanced Service flips between nodes. The URL may list the nodes (as
+the management URL does, `rabbitmq.http_urls`): `PrometheusClusterProbe` scrapes each in
+parallel, with its own backoff, and merges (`cluster_stats`): the queue is read on the node
+reporting it (one of two while its leader moves), counters are kept per node
+(`ClusterCounterAccumulator`), and a queue missing while a node does not answer is
+`ClusterBlind`, not `QueueNotFound`.
 
 One scrape per (endpoint, vhost) serves every EmailQueue polled within `cache_seconds`.
 What is not measured is blind, never zero: a queue absent from the scrape is
