@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import pytest
 
-from emailqueue_testbed import kube, rabbit, smtp_proc, state
+from emailqueue_testbed import kube, rabbit, rabbit_cluster, smtp_proc, state
 from emailqueue_testbed.bed import link_tools, vhost_url
 from emailqueue_testbed.smtp import SmtpControl
 
@@ -150,6 +150,20 @@ def private_rabbitmq(_private_node: RabbitMQ) -> RabbitMQ:
     if not rabbit.healthy(_private_node.record):
         _private_node.start_broker()
     return _private_node
+
+
+@pytest.fixture(scope="session")
+def _cluster_session() -> Iterator[None]:
+    yield
+    rabbit_cluster.down()
+
+
+@pytest.fixture
+def cluster(_cluster_session: None) -> state.Record:
+    """The three-node RabbitMQ cluster, started once per session (~40 s: its nodes join one after
+    the other) and stopped at its end; a test that left it unhealthy (a node killed and not
+    restarted) gets a fresh one."""
+    return rabbit_cluster.up()
 
 
 @pytest.fixture

@@ -28,13 +28,13 @@ import itertools
 import json
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from emailqueue_testbed import rabbit_cluster, state
+from emailqueue_testbed import rabbit_cluster
 
 from .compound import CompoundStack, cluster_endpoints
 from .harness import (
@@ -58,13 +58,6 @@ EMAILS = long_or_short(100_000, 12_000)
 RECIPIENTS = 100
 REFUSED = LoadPlan.recipient(7, RECIPIENTS)   # 550 5.1.1 for the whole run: 1 % of the load
 DUPLICATES_BOUND = 0.01                       # of the accepted emails
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[state.Record]:
-    record = rabbit_cluster.up()
-    yield record
-    rabbit_cluster.down()
 
 
 def schedule(stack: CompoundStack, duration: float, rng: random.Random) -> list[Fault]:

@@ -36,13 +36,6 @@ EMAILS = 600
 RATE = 40.0   # emails/s published
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[state.Record]:
-    record = rabbit_cluster.up()
-    yield record
-    rabbit_cluster.down()
-
-
 @pytest.fixture
 def relay() -> Iterator[tuple[Mailbox, int]]:
     handler, port = Mailbox(delay=0.01), state.free_port()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 
 import pika
 import pytest
@@ -27,13 +26,6 @@ pytestmark = pytest.mark.integration
 
 QUEUE, MESSAGES = "emails", 30
 READ_AGAIN_WITHIN = 45.0  # seconds after the SIGKILL: election (a few s) + the new leader's stats tick (1 s)
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[state.Record]:
-    record = rabbit_cluster.up()
-    yield record
-    rabbit_cluster.down()
 
 
 def _reporting(probe: PrometheusClusterProbe, vhost: str) -> list[int]:
