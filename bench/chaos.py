@@ -126,7 +126,11 @@ def _reasons(result: Mapping[str, Any]) -> str:
     total = result.get("dead_lettered", 0)
     if not total:
         return "0"
-    return f"{total} (" + ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) + ")"
+    text = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
+    entries = sum(int(v) for v in reasons.values())
+    if entries > total:  # reasons count dead-queue entries: an email redelivered after its dead letter
+        return f"{total} (dead-queue entries {text}: {entries - total} dead-lettered twice, same Message-ID)"
+    return f"{total} ({text})"
 
 
 def _loop_notes(name: str, r: Mapping[str, Any]) -> str:
@@ -184,6 +188,8 @@ def _compound(name: str, r: Mapping[str, Any], fault_cases: list[dict[str, Any]]
              f"duplicates {_n(r.get('duplicates'))} (counted by Message-ID, which is derived from the job id), "
              f"publishes refused and retried by the producer {_n(r.get('publish_errors'))} "
              f"({', '.join(f'{k} {v}' for k, v in sorted((r.get('publish_error_kinds') or {}).items())) or 'none'}), "
+             f"publishers blocked by the broker ({', '.join(r.get('publisher_blocked_reasons') or []) or '–'}) "
+             f"for {_n(r.get('publisher_blocked_seconds'))} s, "
              f"workers SIGKILLed {_n(r.get('workers_killed'))}, scale-downs while blind "
              f"{len(r.get('scale_downs_while_blind') or [])}, peak backlog {_n(r.get('peak_backlog'))}, "
              f"peak replicas {_n(r.get('peak_replicas'))}, run {_n(r.get('run_seconds'))} s.", "",
