@@ -94,3 +94,29 @@ def https_server(folder: Path, content_type: str, body: Callable[[str], bytes]) 
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def smtp_relay(handler: Any) -> Iterator[int]:
+    """An aiosmtpd server on a free loopback port with `handler` (its hooks decide the answers);
+    yields the port, stops the server afterwards."""
+    from aiosmtpd.controller import Controller
+
+    from emailqueue_testbed import state
+
+    port = state.free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield port
+    finally:
+        controller.stop()
+
+
+def message_id_of(content: bytes) -> str:
+    """The Message-ID header of raw SMTP DATA ('' when absent)."""
+    for line in content.split(b"\r\n"):
+        if line.lower().startswith(b"message-id:"):
+            return line.split(b":", 1)[1].strip().decode()
+    return ""
+

@@ -30,14 +30,14 @@ from typing import Any
 
 import pika
 import pytest
-from aiosmtpd.controller import Controller
 
 from email_worker.publisher import BrokerBlockedError, Publisher
 from email_worker.routing import RetryPolicy, RetryTier
 from email_worker.smtp import SmtpConfig
 from email_worker.topology import Topology
 from email_worker.worker import Worker, WorkerConfig
-from emailqueue_testbed import rabbit, state
+from emailqueue_testbed import rabbit
+from tests.integration.support import message_id_of, smtp_relay
 
 from ..exposition import sample_values
 
@@ -207,8 +207,7 @@ class Relay:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        message_id = next((line.split(b":", 1)[1].strip().decode() for line in envelope.content.split(b"\r\n")
-                           if line.lower().startswith(b"message-id:")), "")
+        message_id = message_id_of(envelope.content)
         with self.lock:
             if message_id not in self.deferred:
                 self.deferred.add(message_id)
@@ -220,11 +219,8 @@ class Relay:
 @pytest.fixture
 def relay() -> Iterator[tuple[Relay, int]]:
     handler = Relay()
-    port = state.free_port()
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    controller.start()
-    yield handler, port
-    controller.stop()
+    with smtp_relay(handler) as port:
+        yield handler, port
 
 
 def blocked_gauge(worker: Worker) -> float | None:

@@ -18,7 +18,6 @@ from typing import Any
 
 import pika
 import pytest
-from aiosmtpd.controller import Controller
 
 from email_worker.brokers import connection_parameters
 from email_worker.publisher import Publisher, PublishError
@@ -27,6 +26,7 @@ from email_worker.topology import declare
 from email_worker.worker import Worker, WorkerConfig
 from emailqueue_operator.rabbitmq import AmqpEndpoint, AmqpProbe, BrokerError, ManagementEndpoint, ManagementProbe
 from emailqueue_testbed import rabbit, rabbit_cluster, state
+from tests.integration.support import smtp_relay
 
 from .test_broker_crash import DOMAIN, TOPOLOGY, Mailbox, job_id, wait_for
 
@@ -38,11 +38,9 @@ RATE = 40.0   # emails/s published
 
 @pytest.fixture
 def relay() -> Iterator[tuple[Mailbox, int]]:
-    handler, port = Mailbox(delay=0.01), state.free_port()
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    controller.start()
-    yield handler, port
-    controller.stop()
+    handler = Mailbox(delay=0.01)
+    with smtp_relay(handler) as port:
+        yield handler, port
 
 
 def _leader(cluster: state.Record, vhost: str, queue: str) -> dict[str, Any]:

@@ -31,7 +31,6 @@ from typing import Any
 
 import pika
 import pytest
-from aiosmtpd.controller import Controller
 
 from email_worker.publisher import Publisher
 from email_worker.routing import RetryPolicy, RetryTier
@@ -39,6 +38,7 @@ from email_worker.smtp import SmtpConfig
 from email_worker.topology import Topology
 from email_worker.worker import Worker, WorkerConfig
 from emailqueue_testbed import state
+from tests.integration.support import smtp_relay
 
 pytestmark = pytest.mark.integration
 
@@ -80,11 +80,8 @@ class Mailbox:
 @pytest.fixture
 def mailbox() -> Iterator[tuple[Mailbox, int]]:
     handler = Mailbox()
-    port = state.free_port()
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    controller.start()
-    yield handler, port
-    controller.stop()
+    with smtp_relay(handler) as port:
+        yield handler, port
 
 
 def counts(url: str) -> dict[str, int] | None:

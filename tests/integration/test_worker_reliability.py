@@ -38,15 +38,14 @@ from typing import Any
 import pika
 import pika.exceptions
 import pytest
-from aiosmtpd.controller import Controller
 
 from email_worker.publisher import Publisher, QueueFullError
 from email_worker.routing import RetryPolicy, RetryTier
 from email_worker.smtp import SmtpConfig
 from email_worker.topology import Topology, declare
 from email_worker.worker import Worker, WorkerConfig
-from emailqueue_testbed import state
 from emailqueue_testbed.prometheus import PrometheusServer
+from tests.integration.support import message_id_of, smtp_relay
 from tests.integration.test_worker_delivery import drain_queue
 
 pytestmark = pytest.mark.integration
@@ -108,7 +107,7 @@ class Relay:
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        message_id = _message_id(envelope.content)
+        message_id = message_id_of(envelope.content)
         with self.lock:
             self.seen_at_data.append(message_id)
         if self.delay:
@@ -124,21 +123,11 @@ class Relay:
             return Counter(self.accepted)
 
 
-def _message_id(content: bytes) -> str:
-    for line in content.split(b"\r\n"):
-        if line.lower().startswith(b"message-id:"):
-            return line.split(b":", 1)[1].strip().decode()
-    return ""
-
-
 @pytest.fixture
 def relay() -> Iterator[tuple[Relay, int]]:
     handler = Relay()
-    port = state.free_port()
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    controller.start()
-    yield handler, port
-    controller.stop()
+    with smtp_relay(handler) as port:
+        yield handler, port
 
 
 class RunningWorker:
