@@ -86,7 +86,7 @@ testbed-status: ## show which test bed components are running
 
 ##@ Test
 .PHONY: test
-test: venv check-code deps testbed-build ## ruff and mypy --strict, then every test (unit, integration, e2e); starts what it needs
+test: venv check-code deps testbed-build ## ruff and mypy --strict, then every test but the soak run of make chaos (unit, integration, e2e, short chaos); starts what it needs
 	$(PYTEST) tests -m "not soak" --durations=30
 
 .PHONY: check-code
