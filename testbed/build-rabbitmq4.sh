@@ -41,36 +41,13 @@ if ! command -v debootstrap >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
 fi
 
-# The mirror this machine's apt uses for Debian itself (not debian-security).
-mirror() {
-  if [ -n "${EQ_DEBIAN_MIRROR:-}" ]; then echo "$EQ_DEBIAN_MIRROR"; return; fi
-  local found
-  found=$(awk '
-      function emit() { if (uri ~ /\/debian\/?$/ && suites !~ /security/) { print uri; exit } uri = ""; suites = "" }
-      FNR == 1 { emit() }
-      /^URIs:/ { uri = $2 } /^Suites:/ { suites = $0 }
-      /^[[:space:]]*$/ { emit() }
-      END { emit() }' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1)
-  if [ -z "$found" ]; then
-    found=$(grep -hE '^deb\s' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
-      | grep -v security | awk '{for (i=2;i<=NF;i++) if ($i ~ /^https?:/) {print $i; exit}}' | grep -E '/debian/?$' | head -n1)
-  fi
-  echo "${found:-http://deb.debian.org/debian}"
-}
+# shellcheck source=lib-debian.sh
+source "$here/lib-debian.sh"
 MIRROR=$(mirror)
 
 tmp=$(mktemp -d "$CACHE/rootfs/.$suite-rabbitmq-$version.XXXXXX")
 chmod 755 "$tmp"  # apt's _apt user must reach /var/lib/apt/lists inside it
-# Kill whatever still runs with its root inside the temp dir (by pid), then remove it.
-reap() {
-  local pid
-  for pid in $(ls /proc | grep -E '^[0-9]+$'); do
-    case "$(readlink "/proc/$pid/root" 2>/dev/null)" in
-      "$1"|"$1"/*) log "killing pid $pid ($(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-80)) left by the install"
-                   kill -9 "$pid" 2>/dev/null || true ;;
-    esac
-  done
-}
+# reap (lib-debian.sh) kills whatever still runs with its root inside the temp dir, by pid.
 cleanup() { reap "$tmp"; rm -rf --one-file-system "$tmp"; }
 trap cleanup EXIT
 
