@@ -5,11 +5,12 @@ import asyncio
 import logging
 
 import kopf
+from kopf._core.engines import peering
 from prometheus_client import start_http_server
 
 from email_worker.logs import JsonFormatter
 
-from .leader import ElectionSettings, Elector
+from .leader import ElectionSettings, Elector, default_identity
 
 
 class _QuietWatchHandler(logging.Filter):
@@ -26,9 +27,12 @@ async def _operate(namespaces: list[str], liveness: str | None, election: Electi
         elector = Elector(election)
         elector.start(asyncio.get_running_loop())
     try:
-        # kopf runs standalone: the Lease, not a kopf peering, decides who scales.
+        # kopf runs standalone: the Lease, not a kopf peering, decides who scales. The identity
+        # is given: kopf's own default asks getpass.getuser(), which raises KeyError for a uid
+        # with no passwd entry: the image's 65532 (found when the chart first ran as real pods).
+        identity = election.identity if election is not None else default_identity()
         await kopf.operator(clusterwide=not namespaces, namespaces=namespaces, standalone=True,
-                            liveness_endpoint=liveness)
+                            liveness_endpoint=liveness, identity=peering.Identity(identity))
     finally:
         if elector is not None:  # after kopf's cleanup stopped the scale loops: then hand over
             # Blocking on purpose: the default executor may still hold polls that outlived
@@ -49,6 +53,7 @@ def configure_logging(log_format: str, verbose: bool) -> None:
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
     logging.getLogger("pika").setLevel(logging.CRITICAL)  # probe failures are reported by us, once
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # a line per kubelet probe otherwise
     watch_log = logging.getLogger("kopf.objects")
     if not any(isinstance(f, _QuietWatchHandler) for f in watch_log.filters):
         watch_log.addFilter(_QuietWatchHandler())
