@@ -7,7 +7,9 @@
    in a process pool of 2;
 2. the live demo run beside the simulator's prediction for the same scenario;
 3. worker throughput against one SMTP sink, beside bare smtplib loops;
-4. operator overhead: 1000 and 5000 EmailQueues on one broker at a 5 s poll.
+4. operator overhead: 1000 and 5000 EmailQueues on one broker at a 5 s poll;
+5. the surge on real pods (`make e2e-cluster`) beside the simulator run with the pod start-up
+   measured on those pods.
 
 Flags skip parts (`--only sim,worker`); a part that fails is reported as failed in the
 document, never silently dropped. A part that was not run and has no saved results keeps
@@ -33,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "out" / "bench"
 DOC = REPO / "docs" / "benchmarks.md"
 ASSETS = REPO / "docs" / "assets"  # plots the document shows are committed beside it
-PARTS = ("sim", "live", "worker", "operator")
+PARTS = ("sim", "live", "worker", "operator", "pods")
 
 
 def machine() -> str:
@@ -88,6 +90,20 @@ def run_live() -> dict[str, Any]:
     return json.loads((out / "report.json").read_text())
 
 
+def run_pods() -> dict[str, Any]:
+    """`make e2e-cluster`: the surge on real pods in the test bed's own cluster (testbed/cluster-e2e.sh)."""
+    path = OUT / "pods.json"
+    path.unlink(missing_ok=True)
+    result = subprocess.run([str(REPO / "testbed" / "cluster-e2e.sh")], cwd=REPO, capture_output=True, text=True,
+                            timeout=3600, env={**os.environ, "EQ_E2E_REPORT": str(path)})
+    (OUT / "pods.log").write_text(result.stdout + result.stderr)
+    if not path.exists():
+        raise RuntimeError(f"cluster-e2e.sh exited {result.returncode} without a report; see out/bench/pods.log")
+    report = json.loads(path.read_text())
+    report["test_passed"] = result.returncode == 0
+    return report
+
+
 def _run_script(script: str, out_name: str, timeout: float) -> dict[str, Any]:
     """Run one bench/ script (it writes JSON to --out); its output goes to out/bench/NAME.log."""
     path = OUT / f"{out_name}.json"
@@ -108,7 +124,7 @@ def run_operator() -> dict[str, Any]:
 
 
 RUNNERS: dict[str, Callable[[], dict[str, Any]]] = {
-    "sim": run_sim, "live": run_live, "worker": run_worker, "operator": run_operator}
+    "sim": run_sim, "live": run_live, "worker": run_worker, "operator": run_operator, "pods": run_pods}
 
 
 # --- the document -----------------------------------------------------------------------
@@ -409,9 +425,52 @@ def section_operator(data: dict[str, Any]) -> list[str]:
     return lines
 
 
-SECTIONS = {"sim": section_sim, "live": section_live, "worker": section_worker, "operator": section_operator}
+def section_pods(data: dict[str, Any]) -> list[str]:
+    scenario = data.get("scenario") or {}
+    simulated = data.get("simulated") or {}
+    startup = data.get("pod_startup_seconds") or {}
+    scale_up, scale_in = data.get("scale_up") or {}, data.get("scale_in") or {}
+    lines = ["## 5. Live on real pods beside the simulator", "",
+             "`make e2e-cluster`: the chart installed by `helm install` in the test bed's own single-node cluster "
+             "(kubelet, containerd and runc, kube-proxy, CoreDNS; built from pinned modules, no Docker), the operator "
+             "in-cluster as its ServiceAccount, RabbitMQ and an SMTP sink as pods, every worker a pod started from "
+             "our image, admitted by the chart's readiness probe and stopped by SIGTERM on scale-in. The simulator "
+             "ran the same compressed scenario with the pod start-up measured in this run"
+             f" ({_f(simulated.get('startup_seconds'))} s, the median creation → Ready)."
+             + ("" if data.get("test_passed", True) else " **The e2e test failed on this run.**"), ""]
+    if scenario:
+        lines += [f"Scenario: `{json.dumps(scenario)[:400]}`", ""]
+    lines += ["| figure | real pods | simulated |", "|---|---:|---:|"]
+    tiq, sim_tiq = data.get("time_in_queue_seconds") or {}, simulated.get("time_in_queue_seconds") or {}
+    rows = (("published", data.get("published"), simulated.get("published")),
+            ("delivered (unique)", data.get("delivered"), simulated.get("delivered")),
+            ("lost", data.get("lost"), None), ("duplicates", data.get("duplicates"), None),
+            ("peak backlog", data.get("peak_backlog"), simulated.get("peak_backlog")),
+            ("p50 time in queue s", tiq.get("p50"), sim_tiq.get("p50")),
+            ("p99 time in queue s", tiq.get("p99"), sim_tiq.get("p99")),
+            ("max time in queue s", tiq.get("max"), sim_tiq.get("max")),
+            ("peak replicas", data.get("peak_replicas_desired"), simulated.get("peak_replicas")))
+    for label, live, model in rows:
+        lines.append(f"| {label} | {_f(live)} | {_f(model)} |")
+    lines += ["", "| real-pod figure | value |", "|---|---:|",
+              f"| pods started | {_f(data.get('pods_started'))} |",
+              f"| pod creation → container running, p50 / max s | {_f(startup.get('to_running_p50'))} / "
+              f"{_f(startup.get('to_running_max'))} |",
+              f"| pod creation → Ready (readiness probe), p50 / max s | {_f(startup.get('to_ready_p50'))} / "
+              f"{_f(startup.get('to_ready_max'))} |",
+              f"| peak asked → that many Ready, s | {_f(scale_up.get('peak_asked_to_ready_seconds'))} |",
+              f"| pods stopped on scale-in | {_f(scale_in.get('pods_stopped'))} |",
+              f"| stop (SIGTERM → gone), p50 / max s, of a {_f(scale_in.get('grace_seconds'))} s grace period "
+              f"| {_f(scale_in.get('stop_seconds_p50'))} / {_f(scale_in.get('stop_seconds_max'))} |",
+              f"| container restarts | {_f(data.get('restarts'))} |", ""]
+    return lines
+
+
+SECTIONS = {"sim": section_sim, "live": section_live, "worker": section_worker, "operator": section_operator,
+            "pods": section_pods}
 TITLES = {"sim": "## 1. Policies in the simulator", "live": "## 2. The live demo beside the simulator",
-          "worker": "## 3. Worker throughput", "operator": "## 4. Operator overhead"}
+          "worker": "## 3. Worker throughput", "operator": "## 4. Operator overhead",
+          "pods": "## 5. Live on real pods beside the simulator"}
 KEPT_NOTE = "_Not re-run by the last `make bench` and no saved results: kept from the previous document._"
 
 

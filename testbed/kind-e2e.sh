@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# kind path (needs a Docker engine): build both images, create a kind cluster, load the images,
-# `helm install` the chart (operator + worker + evaluation RabbitMQ), then run the e2e tests
-# marked `kind`. Usage: testbed/kind-e2e.sh   (env: KIND_CLUSTER, KEEP_CLUSTER=1, TAG, KIND_NODE_IMAGE)
+# kind path (needs a Docker engine): build both images, create a kind cluster, load the images and
+# the SMTP sink's, install the evaluation RabbitMQ, the sink and the chart (testbed/e2e-install.sh,
+# the same install as make e2e-cluster), then run the e2e tests marked `kind` (tests/e2e/test_real_pods.py).
+# Usage: testbed/kind-e2e.sh   (env: KIND_CLUSTER, KEEP_CLUSTER=1, TAG, KIND_NODE_IMAGE)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +21,7 @@ command -v docker >/dev/null || die "docker CLI not found; install Docker to use
 if ! docker info >/dev/null 2>&1; then
   die "docker info failed: no Docker engine is reachable (DOCKER_HOST=${DOCKER_HOST:-unset}).
   The kind path needs a running Docker engine; this machine may only have the CLI.
-  Without Docker, use the test bed instead: make test (kube-apiserver + etcd, RabbitMQ, SMTP)."
+  Without Docker, run the same tests on the test bed's own cluster: make e2e-cluster (kubelet + containerd)."
 fi
 command -v kind >/dev/null || die "kind not found: go install sigs.k8s.io/kind@v0.29.0 (or see kind.sigs.k8s.io)"
 HELM=${HELM:-$(command -v helm || true)}
@@ -47,20 +48,18 @@ kind get kubeconfig --name "${CLUSTER}" > "${KUBECONFIG}"
 echo "==> loading images into the cluster"
 kind load docker-image --name "${CLUSTER}" "${OPERATOR_IMAGE}" "${WORKER_IMAGE}"
 
-echo "==> evaluation RabbitMQ in namespace ${NAMESPACE}"
-"$KUBECTL" apply -k deploy/rabbitmq
-"$KUBECTL" -n "${NAMESPACE}" rollout status statefulset/rabbitmq --timeout=300s
+echo "==> SMTP sink image (testbed/build-images.sh smtp-sink: buildah, Debian base), loaded as an archive"
+testbed/build-images.sh smtp-sink
+SINK_TAR=$(testbed/build-images.sh --list | sed -n 's/^smtp-sink=//p')
+kind load image-archive --name "${CLUSTER}" "${SINK_TAR}"
+SINK_IMAGE=$(tar -xOf "${SINK_TAR}" manifest.json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)[0]["RepoTags"][0])')
 
-echo "==> helm install ${RELEASE}"
-"$HELM" upgrade --install "${RELEASE}" charts/emailqueue-operator -n "${NAMESPACE}" --wait --timeout 300s \
-  --set image.repository=emailqueue-operator --set image.tag="${TAG}" --set image.pullPolicy=Never \
-  --set worker.enabled=true --set worker.image.repository=email-worker --set worker.image.tag="${TAG}" \
-  --set worker.image.pullPolicy=Never --set worker.amqpSecret.name=rabbitmq \
-  --set worker.smtp.host=smtp-sink."${NAMESPACE}".svc --set worker.smtp.port=25 --set worker.smtp.tls=none
-"$KUBECTL" -n "${NAMESPACE}" rollout status "deploy/${RELEASE}-emailqueue-operator" --timeout=180s
+# RabbitMQ: deploy/rabbitmq's upstream image, pulled by kind's node.
+KUBECTL="$KUBECTL" HELM="$HELM" NAMESPACE="${NAMESPACE}" RELEASE="${RELEASE}" PULL_POLICY=Never \
+  OPERATOR_IMAGE="${OPERATOR_IMAGE}" WORKER_IMAGE="${WORKER_IMAGE}" SINK_IMAGE="${SINK_IMAGE}" testbed/e2e-install.sh
 
-echo "==> e2e tests (pytest -m kind)"
-export EQ_E2E_KIND=1 EQ_E2E_NAMESPACE="${NAMESPACE}" EQ_E2E_RELEASE="${RELEASE}"
+echo "==> e2e tests on real pods (pytest -m kind)"
+export EQ_E2E_KUBECONFIG="${KUBECONFIG}" EQ_E2E_KUBECTL="${KUBECTL}" EQ_E2E_NAMESPACE="${NAMESPACE}" EQ_E2E_CLUSTER=kind
 status=0
 "$PY" -m pytest tests/e2e -m kind -q || status=$?
 if [[ $status -eq 5 ]]; then

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import kube, netlab, prometheus, rabbit, rabbit_cluster, smtp_proc, state
+from . import cluster, kube, netlab, prometheus, rabbit, rabbit_cluster, smtp_proc, state
 
 COMPONENTS = ("kube", "rabbitmq", "smtp")
 _UP = {"kube": kube.up, "rabbitmq": rabbit.up, "smtp": smtp_proc.up}
@@ -119,6 +119,8 @@ def down(components: tuple[str, ...] = COMPONENTS) -> list[str]:
     if set(components) == set(COMPONENTS):  # the whole test bed: what runs left behind goes too
         stopped += prometheus.down_all()
         stopped += netlab.down_all()  # network-namespace labs (their gateways forward to broker and SMTP)
+        if cluster.down():  # the real single-node cluster (make cluster-up), pods and all
+            stopped.append(cluster.COMPONENT)
     (state.STATE_DIR / "env").unlink(missing_ok=True)
     return stopped
 
