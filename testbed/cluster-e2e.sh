@@ -4,7 +4,7 @@
 # containerd, installs RabbitMQ, the SMTP sink and the chart (testbed/e2e-install.sh), runs the
 # e2e tests marked `kind` against it and takes the cluster down again (KEEP_CLUSTER=1 keeps it);
 # then the tests marked `cluster` (a cluster of their own: a pod runs, and cluster down leaves
-# nothing on the machine).
+# nothing on the machine). `--demo` (make demo CLUSTER=real) runs the demo's surge instead of the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -49,6 +49,12 @@ YAML
 
 OPERATOR_IMAGE=${image_ref[operator]} WORKER_IMAGE=${image_ref[worker]} SINK_IMAGE=${image_ref[smtp-sink]} \
   RABBITMQ_IMAGE=${image_ref[rabbitmq]} PULL_POLICY=Never testbed/e2e-install.sh
+
+if [ "${1:-}" = --demo ]; then
+  say "the demo's surge on real pods (make demo CLUSTER=real)"
+  "$PY" -m emailqueue_testbed.cluster_surge --preset "${DEMO_PRESET:-e2e}" --out out/demo-real
+  exit $?
+fi
 
 say "e2e tests on real pods (pytest -m kind)"
 export EQ_E2E_KUBECONFIG=$KUBECONFIG EQ_E2E_KUBECTL=$KUBECTL EQ_E2E_NAMESPACE=email EQ_E2E_CLUSTER=testbed

@@ -119,7 +119,8 @@ def down(components: tuple[str, ...] = COMPONENTS) -> list[str]:
     if set(components) == set(COMPONENTS):  # the whole test bed: what runs left behind goes too
         stopped += prometheus.down_all()
         stopped += netlab.down_all()  # network-namespace labs (their gateways forward to broker and SMTP)
-        if cluster.down():  # the real single-node cluster (make cluster-up), pods and all
+        # The real single-node cluster (make cluster-up) this checkout started, pods and all.
+        if state.load(cluster.COMPONENT) is not None and cluster.down():
             stopped.append(cluster.COMPONENT)
     (state.STATE_DIR / "env").unlink(missing_ok=True)
     return stopped

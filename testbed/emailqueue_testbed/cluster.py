@@ -710,9 +710,16 @@ def _forwarder_pids() -> list[int]:
     return [int(p.name) for p in folder.iterdir()] if folder.is_dir() else []
 
 
-def down() -> bool:
-    """Stop every process of the cluster (pods included) and remove its cgroups and files."""
+def down(force: bool = False) -> bool:
+    """Stop every process of the cluster (pods included) and remove its cgroups and files.
+
+    The cgroup is the machine's one cluster: a cluster this checkout did not start (no record
+    here, processes in the cgroup) is left alone unless `force` (a checkout deleted under it)."""
     record = state.load(COMPONENT)
+    if record is None and not force and cgroup_pids():
+        raise ClusterError(f"a cluster this checkout did not start is running (cgroup {CGROUP} has "
+                           f"{len(cgroup_pids())} processes): stop it from its checkout, or "
+                           "`python -m emailqueue_testbed.cluster down --force`")
     had = record is not None or any(root.joinpath(CGROUP).exists() for root in controllers())
     for pid in _forwarder_pids():
         state.kill_group(pid)
@@ -776,11 +783,8 @@ def leftovers() -> list[str]:
         if (root / CGROUP).exists():
             found.append(f"cgroup {root / CGROUP}")
     found += [f"mount {m}" for m in _mounts_under(base_dir())]
-    with open("/proc/self/mountinfo") as mounts:
-        for line in mounts:
-            point = line.split()[4]
-            if any(point == p or point.startswith(p + "/") for p in HOST_PATHS):
-                found.append(f"mount {point}")
+    for point in _host_path_mounts() - _PREEXISTING_MOUNTS:
+        found.append(f"mount {point}")
     for path in HOST_PATHS:
         if os.path.lexists(path) and path not in _PREEXISTING:
             found.append(f"host path {path}")
@@ -800,8 +804,16 @@ def leftovers() -> list[str]:
     return found
 
 
-# Host paths that existed before any cluster ran (recorded at import: never report them).
+def _host_path_mounts() -> set[str]:
+    with open("/proc/self/mountinfo") as mounts:
+        points = {line.split()[4] for line in mounts}
+    return {p for p in points if any(p == h or p.startswith(h + "/") for h in HOST_PATHS)}
+
+
+# Host paths and mounts that were there before (a machine's own containerd, say), recorded at
+# import: never reported.
 _PREEXISTING = frozenset(p for p in HOST_PATHS if os.path.lexists(p))
+_PREEXISTING_MOUNTS = frozenset(_host_path_mounts())
 
 
 def status() -> dict[str, Any]:
@@ -814,7 +826,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_up = sub.add_parser("up", help="start the cluster (make cluster-up)")
     p_up.add_argument("--images", nargs="*", default=[], help="docker-archive tarballs to import")
-    sub.add_parser("down", help="stop it and remove what it made (make cluster-down)")
+    p_down = sub.add_parser("down", help="stop it and remove what it made (make cluster-down)")
+    p_down.add_argument("--force", action="store_true", help="also a cluster another checkout started")
     sub.add_parser("status")
     sub.add_parser("leftovers", help="list what a cluster left on the machine (exit 1 if anything)")
     p_sb = sub.add_parser("sandbox", help="(internal) the processes inside the namespaces")
@@ -836,7 +849,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"cluster up in {record.facts['up_seconds']} s: node {NODE_NAME} Ready; "
                   f"KUBECONFIG={record.facts['kubeconfig']}")
         elif args.command == "down":
-            print("cluster stopped" if down() else "no cluster was running")
+            print("cluster stopped" if down(force=args.force) else "no cluster was running")
         elif args.command == "status":
             print(json.dumps(status(), indent=2))
         else:

@@ -321,3 +321,48 @@ def write_report(report: Mapping[str, Any], path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`make demo CLUSTER=real`: the demo's surge on real pods (after testbed/e2e-install.sh)."""
+    import argparse
+    import base64
+    import json
+    import os
+
+    from kubernetes import client, config
+
+    from .demo_plan import preset
+
+    parser = argparse.ArgumentParser(prog="python -m emailqueue_testbed.cluster_surge")
+    parser.add_argument("--preset", default="e2e", choices=["e2e", "quick"],
+                        help="e2e: ~2 min, ~7 workers at the peak; quick: ~3 min, ~14")
+    parser.add_argument("--out", default="out/demo-real", help="report.json goes here")
+    args = parser.parse_args(argv)
+    target = Target(kubeconfig=os.environ["KUBECONFIG"], kubectl=os.environ.get("KUBECTL", "kubectl"),
+                    namespace=os.environ.get("NAMESPACE", "email"))
+    plan = preset(args.preset)
+    for line in plan.describe():
+        print(line)
+    api = client.CoreV1Api(config.new_client_from_config(config_file=target.kubeconfig))
+    data = api.read_namespaced_secret(SECRET, target.namespace).data
+    creds = (base64.b64decode(data["username"]).decode(), base64.b64decode(data["password"]).decode())
+    report = summarize(run(target, plan, creds))
+    path = Path(args.out) / "report.json"
+    write_report(report, path)
+    sim = report.get("simulated") or {}
+    sim_p99 = (sim.get("time_in_queue_seconds") or {}).get("p99")
+    startup, scale_in = report["pod_startup_seconds"], report["scale_in"]
+    print(f"published {report['published']}, delivered {report['delivered']}, lost {report['lost']}, "
+          f"duplicates {report['duplicates']}; peak replicas {report['peak_replicas_desired']} "
+          f"(simulated {sim.get('peak_replicas')}); p99 time in queue "
+          f"{report['time_in_queue_seconds']['p99']} s (simulated {sim_p99})")
+    print(f"pods started {report['pods_started']}: creation → Ready p50 {startup['to_ready_p50']} s, max "
+          f"{startup['to_ready_max']} s; scale-in: {scale_in['pods_stopped']} pods stopped on SIGTERM in ≤ "
+          f"{scale_in['stop_seconds_max']} s; report: {path}")
+    print(json.dumps({"settled": report["settled"], "restarts": report["restarts"]}))
+    return 0 if report["lost"] == 0 and report["settled"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
