@@ -481,12 +481,15 @@ def sandbox_main(plan_path: Path) -> int:
         start("containerd")
         start("kube-apiserver")
         wait("containerd", lambda: Path("/run/containerd/containerd.sock").exists(), 60)
-        for image in plan["images"]:
-            result = subprocess.run([plan["ctr"], "-a", "/run/containerd/containerd.sock", "-n", "k8s.io",
-                                     "images", "import", "--no-unpack", image], capture_output=True, text=True,
-                                    env=env)
-            if result.returncode:
-                raise ClusterError(f"ctr images import {image}: {result.stderr.strip()}")
+        # All at once (each is mostly hashing and writing its layers).
+        imports = {image: subprocess.Popen([plan["ctr"], "-a", "/run/containerd/containerd.sock", "-n", "k8s.io",
+                                            "images", "import", "--no-unpack", image], stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.PIPE, text=True, env=env)
+                   for image in plan["images"]}
+        for image, proc in imports.items():
+            _out, err = proc.communicate()
+            if proc.returncode:
+                raise ClusterError(f"ctr images import {image}: {err.strip()}")
         wait("kube-apiserver", lambda: _http_ok(f"https://127.0.0.1:{API_PORT}/readyz", pki), 180)
         for name in ("kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy", "coredns"):
             start(name)
