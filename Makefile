@@ -85,7 +85,7 @@ testbed-up: venv deps testbed-bins ## start apiserver+etcd, RabbitMQ, SMTP; writ
 	$(PY) -m emailqueue_testbed up
 
 .PHONY: testbed-down
-testbed-down: ## stop everything testbed-up started
+testbed-down: ## stop everything testbed-up started (and the real cluster this checkout started)
 	@if [ -x $(PY) ]; then $(PY) -m emailqueue_testbed down; fi
 
 .PHONY: cluster-deps

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from . import state
+from .kube import issue, openssl
 from .netlab import in_netns
 
 COMPONENT = "cluster"
@@ -86,12 +87,6 @@ def base_dir() -> Path:
 
 
 # --------------------------------------------------------------------------- host side: files
-def _openssl(*args: str, cwd: Path) -> None:
-    result = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
-    if result.returncode:
-        raise ClusterError(f"openssl {' '.join(args[:2])} failed: {result.stderr.strip()}")
-
-
 CLIENTS = {  # file name -> subject (RBAC's built-in bindings know these users and groups)
     "admin": "/O=system:masters/CN=eqtb-admin",
     "kubelet": f"/O=system:nodes/CN=system:node:{NODE_NAME}",
@@ -111,7 +106,7 @@ def make_pki(pki: Path) -> None:
         return
     shutil.rmtree(pki, ignore_errors=True)
     pki.mkdir(parents=True)
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650", "-subj", "/CN=eqtb-cluster-ca",
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650", "-subj", "/CN=eqtb-cluster-ca",
              "-keyout", "ca.key", "-out", "ca.crt", cwd=pki)
     (pki / "server.ext").write_text(
         f"subjectAltName=IP:127.0.0.1,IP:{NODE_IP},IP:{API_SERVICE_IP},DNS:localhost,DNS:kubernetes,"
@@ -120,13 +115,9 @@ def make_pki(pki: Path) -> None:
     (pki / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
     certs = {"apiserver": ("/CN=kube-apiserver", "server.ext")}
     certs.update({name: (subject, "client.ext") for name, subject in CLIENTS.items()})
-    for name, (subject, ext) in certs.items():
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", f"{name}.key",
-                 "-out", f"{name}.csr", cwd=pki)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-days", "3650", "-extfile", ext, "-out", f"{name}.crt", cwd=pki)
-    _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
-    _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
+    issue(pki, certs)
+    openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
+    openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
     (pki / "complete").write_text("")
 
 
@@ -664,6 +655,18 @@ def _start(images: Sequence[Path], timeout: float) -> state.Record:
                      log=fwd_log)
     kubectl("apply", "-f", "-", input=json.dumps(_coredns_rbac()))
     kubectl("wait", "--for=condition=Ready", f"node/{NODE_NAME}", f"--timeout={int(timeout)}s", timeout=timeout + 10)
+
+    # Pods can be created once the controller-manager has made the namespace's ServiceAccount
+    # (admission refuses a pod whose ServiceAccount does not exist yet): up means usable.
+    def default_service_account() -> bool:
+        try:
+            kubectl("-n", "default", "get", "serviceaccount", "default", timeout=15)
+            return True
+        except ClusterError:
+            return False
+
+    state.wait_until(default_service_account, 60, "the default ServiceAccount", interval=0.5,
+                     log=logs / "kube-controller-manager.log")
     record = state.Record(COMPONENT, record.pids, {**record.facts, "up_seconds": round(time.monotonic() - started, 1)})
     state.save(record)
     return record

@@ -21,10 +21,19 @@ COMPONENT = "kube"
 UNPRIVILEGED_USER = "testbed-user"
 
 
-def _openssl(*args: str, cwd: Path) -> None:
+def openssl(*args: str, cwd: Path) -> None:
     result = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
     if result.returncode:
         raise state.TestbedError(f"openssl {' '.join(args[:2])} failed: {result.stderr.strip()}")
+
+
+def issue(pki: Path, certs: dict[str, tuple[str, str]]) -> None:
+    """name -> (subject, extensions file in pki): a key and a certificate signed by pki's CA each."""
+    for name, (subject, ext) in certs.items():
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", f"{name}.key",
+                "-out", f"{name}.csr", cwd=pki)
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                "-days", "3650", "-extfile", ext, "-out", f"{name}.crt", cwd=pki)
 
 
 def make_pki(pki: Path) -> None:
@@ -32,20 +41,16 @@ def make_pki(pki: Path) -> None:
     if (pki / "admin.crt").exists():
         return
     pki.mkdir(parents=True, exist_ok=True)
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650", "-subj", "/CN=testbed-ca",
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650", "-subj", "/CN=testbed-ca",
              "-keyout", "ca.key", "-out", "ca.crt", cwd=pki)
     (pki / "san.ext").write_text(
         "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
         "DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n")
     (pki / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-    for name, subject, ext in (("apiserver", "/CN=kube-apiserver", "san.ext"),
-                               ("admin", "/O=system:masters/CN=testbed-admin", "client.ext")):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", f"{name}.key",
-                 "-out", f"{name}.csr", cwd=pki)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-days", "3650", "-extfile", ext, "-out", f"{name}.crt", cwd=pki)
-    _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
-    _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
+    issue(pki, {"apiserver": ("/CN=kube-apiserver", "san.ext"),
+                "admin": ("/O=system:masters/CN=testbed-admin", "client.ext")})
+    openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
+    openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
     (pki / "tokens.csv").write_text(f"{secrets.token_hex(16)},{UNPRIVILEGED_USER},1001,testbed-users\n")
 
 
