@@ -401,10 +401,6 @@ def sandbox_setup(plan: Mapping[str, Any]) -> None:
     Path("/proc/sys/net/bridge/bridge-nf-call-iptables").write_text("1")
 
 
-def _port_open(port: int, host: str = "127.0.0.1") -> bool:
-    return state.port_open(port, host)
-
-
 def _http_ok(url: str, pki: Path | None = None) -> bool:
     ctx = None
     if url.startswith("https"):
@@ -468,7 +464,7 @@ def sandbox_main(plan_path: Path) -> int:
         join_cgroups(os.getpid())  # first: everything started from here is in the cluster's cgroups
         sandbox_setup(plan)
         start("etcd")
-        wait("etcd", lambda: _port_open(2379), 60)
+        wait("etcd", lambda: state.port_open(2379), 60)
         start("containerd")
         start("kube-apiserver")
         wait("containerd", lambda: Path("/run/containerd/containerd.sock").exists(), 60)

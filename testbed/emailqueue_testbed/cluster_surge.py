@@ -26,6 +26,7 @@ from typing import Any
 
 from kubernetes.client.rest import ApiException
 
+from . import state
 from .demo_plan import PROCESS_START_SECONDS, QUEUE, SurgePlan
 from .demo_report import job_id_from_message_id, percentile, simulate
 from .demo_surge import _SurgePublisher
@@ -181,13 +182,15 @@ def emailqueue_body(plan: SurgePlan) -> dict[str, Any]:
             "spec": spec}
 
 
-def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: float = 1.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+def credentials(target: Target) -> tuple[str, str]:
+    """The evaluation RabbitMQ's user and password, from its Secret (deploy/rabbitmq/secret.yaml)."""
+    import base64
+
+    from kubernetes import client, config
+
+    api = client.CoreV1Api(config.new_client_from_config(config_file=target.kubeconfig))
+    data = api.read_namespaced_secret(SECRET, target.namespace).data
+    return base64.b64decode(data["username"]).decode(), base64.b64decode(data["password"]).decode()
 
 
 def run(target: Target, plan: SurgePlan, amqp_credentials: tuple[str, str], say: Callable[[str], None] = print,
@@ -201,8 +204,8 @@ def run(target: Target, plan: SurgePlan, amqp_credentials: tuple[str, str], say:
     watcher.custom.create_namespaced_custom_object(GROUP, VERSION, target.namespace, PLURAL, body)
     say(f"EmailQueue {EMAILQUEUE}: min {plan.min_replicas} max {plan.max_replicas}, drainSeconds "
         f"{plan.drain_seconds:g}, {plan.rate_per_replica:g}/s per worker")
-    wait_for(lambda: watcher.deployment() == (plan.min_replicas, plan.min_replicas), 180,
-             f"deployment {WORKER} at {plan.min_replicas} ready replica(s)")
+    state.wait_until(lambda: watcher.deployment() == (plan.min_replicas, plan.min_replicas), 180,
+                     f"deployment {WORKER} at {plan.min_replicas} ready replica(s)", interval=1.0)
     run_id = f"e2e-{uuid.uuid4().hex[:8]}"
     user, password = amqp_credentials
     with port_forward(target, "svc/rabbitmq", 5672) as amqp_port, \
@@ -326,11 +329,8 @@ def write_report(report: Mapping[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """`make demo CLUSTER=real`: the demo's surge on real pods (after testbed/e2e-install.sh)."""
     import argparse
-    import base64
     import json
     import os
-
-    from kubernetes import client, config
 
     from .demo_plan import preset
 
@@ -344,10 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = preset(args.preset)
     for line in plan.describe():
         print(line)
-    api = client.CoreV1Api(config.new_client_from_config(config_file=target.kubeconfig))
-    data = api.read_namespaced_secret(SECRET, target.namespace).data
-    creds = (base64.b64decode(data["username"]).decode(), base64.b64decode(data["password"]).decode())
-    report = summarize(run(target, plan, creds))
+    report = summarize(run(target, plan, credentials(target)))
     path = Path(args.out) / "report.json"
     write_report(report, path)
     sim = report.get("simulated") or {}

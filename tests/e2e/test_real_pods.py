@@ -17,7 +17,6 @@ What a user relies on:
 """
 from __future__ import annotations
 
-import base64
 import json
 import os
 from pathlib import Path
@@ -42,17 +41,9 @@ def target() -> cluster_surge.Target:
                                 namespace=os.environ.get("EQ_E2E_NAMESPACE", "email"))
 
 
-def _credentials(target: cluster_surge.Target) -> tuple[str, str]:
-    from kubernetes import client, config
-
-    api = client.CoreV1Api(config.new_client_from_config(config_file=target.kubeconfig))
-    data = api.read_namespaced_secret(cluster_surge.SECRET, target.namespace).data
-    return base64.b64decode(data["username"]).decode(), base64.b64decode(data["password"]).decode()
-
-
 def test_surge_on_real_pods_loses_nothing_and_scales_back(target):
     plan = preset("e2e")
-    run = cluster_surge.run(target, plan, _credentials(target))
+    run = cluster_surge.run(target, plan, cluster_surge.credentials(target))
     report = cluster_surge.summarize(run)
     report["cluster"] = os.environ.get("EQ_E2E_CLUSTER", "unknown")
     cluster_surge.write_report(report, REPORT)
