@@ -28,8 +28,8 @@ from kubernetes.client.rest import ApiException
 
 from . import state
 from .demo_plan import PROCESS_START_SECONDS, QUEUE, SurgePlan
-from .demo_report import job_id_from_message_id, percentile, simulate
-from .demo_surge import _SurgePublisher
+from .demo_report import percentile, simulate
+from .demo_surge import _deliveries, _SurgePublisher
 from .smtp import SmtpControl
 
 GROUP, VERSION, PLURAL = "emailqueue.dev", "v1alpha1", "emailqueues"
@@ -250,11 +250,7 @@ def run(target: Target, plan: SurgePlan, amqp_credentials: tuple[str, str], say:
         finally:
             stop.set()
             publisher.join(10)
-        receipts = []
-        for message in smtp.messages():
-            job_id = job_id_from_message_id(message.get("message_id", ""))
-            if job_id is not None and job_id.startswith(run_id):
-                receipts.append((job_id, float(message["received_at"])))
+        receipts = [(job_id, at) for job_id, at in _deliveries(smtp) if job_id.startswith(run_id)]
     # One last look at the pods, for those that went between the last samples.
     watcher.sample_pods(time.time())
     return RealSurge(plan=plan, started_at=publisher.started_at, published=dict(publisher.published),
